@@ -1,0 +1,44 @@
+"""CustomContrast (AAAI 2025) subject-driven text-to-image customization as a plugin for Hugging Face diffusers.
+
+Importing the package adds ``load_customcontrast``, ``unload_customcontrast`` and ``set_customcontrast_scale`` to
+every diffusers pipeline::
+
+    import diffusers_customcontrast
+    pipe.load_customcontrast("org/customcontrast-sd15")
+    image = pipe("a dog on the beach", ip_adapter_image=subject_image).images[0]
+"""
+
+from .attention_processor import CustomContrastAttnProcessor2_0
+from .image_projection import CustomContrastImageProjection
+from .injection import attach, detach
+from .loading import (
+    load_customcontrast,
+    record_customcontrast,
+    register_pipeline_methods,
+    set_customcontrast_scale,
+    unload_customcontrast,
+)
+from .modeling import CustomContrastAdapter, MFIEncoder, SubjectTokens
+from .recording import SubjectRecorder
+from .serialization import AdapterLoadError, load_adapter
+
+__version__ = "0.1.0"
+
+register_pipeline_methods()
+
+__all__ = [
+    "AdapterLoadError",
+    "CustomContrastAdapter",
+    "CustomContrastAttnProcessor2_0",
+    "CustomContrastImageProjection",
+    "MFIEncoder",
+    "SubjectRecorder",
+    "SubjectTokens",
+    "attach",
+    "detach",
+    "load_adapter",
+    "load_customcontrast",
+    "record_customcontrast",
+    "set_customcontrast_scale",
+    "unload_customcontrast",
+]

@@ -1,0 +1,163 @@
+"""The pipeline methods: ``load_customcontrast``, ``unload_customcontrast``, ``set_customcontrast_scale``.
+
+They work on any diffusers pipeline with ``IPAdapterMixin`` (SD1.5 and SDXL, txt2img, img2img, inpaint, ControlNet,
+T2I-Adapter): the subject image then travels through the pipeline's own ``ip_adapter_image=`` argument.
+Importing ``diffusers_customcontrast`` makes them methods of every ``DiffusionPipeline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.loaders import IPAdapterMixin
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from . import injection
+from .modeling.adapter import CustomContrastAdapter
+from .recording import SubjectRecorder
+from .serialization import AdapterLoadError, load_adapter, resolve_file
+
+logger = logging.getLogger(__name__)
+
+
+def _check_pipeline(pipe: DiffusionPipeline) -> None:
+    if not isinstance(pipe, IPAdapterMixin):
+        raise ValueError(
+            f"{type(pipe).__name__} has no IP-Adapter support (IPAdapterMixin), which CustomContrast uses to take the "
+            "subject image: use a pipeline that accepts ip_adapter_image, such as StableDiffusionPipeline."
+        )
+
+
+def _load_image_encoder(
+    pipe: DiffusionPipeline, source: str | os.PathLike, subfolder: str | None, folder: str, **hub_kwargs
+) -> None:
+    """Load the CLIP image encoder shipped with the adapter, as ``load_ip_adapter`` does."""
+    location = folder if "/" in folder else Path(subfolder or "", folder).as_posix()
+    try:
+        resolve_file(source, "config.json", location, **hub_kwargs)
+    except AdapterLoadError:
+        logger.warning(
+            "No image encoder at '%s/%s' and the pipeline has none: pass ip_adapter_image_embeds= to the pipeline, "
+            "or load one into pipe.image_encoder.",
+            source,
+            location,
+        )
+        return
+    hub = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "local_files_only", "token", "revision")}
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(source, subfolder=location, dtype=pipe.dtype, **hub)
+    pipe.register_modules(image_encoder=image_encoder.to(pipe.device))
+
+
+def _ensure_feature_extractor(pipe: DiffusionPipeline) -> None:
+    if getattr(pipe, "feature_extractor", None) is None and getattr(pipe, "image_encoder", None) is not None:
+        size = pipe.image_encoder.config.image_size
+        pipe.register_modules(feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
+
+
+def load_customcontrast(
+    pipe: DiffusionPipeline,
+    pretrained_model_name_or_path_or_adapter: str | os.PathLike | CustomContrastAdapter,
+    subfolder: str | None = None,
+    weight_name: str | None = None,
+    image_encoder_folder: str | None = "image_encoder",
+    scale: float = 1.0,
+    **kwargs,
+) -> CustomContrastAdapter:
+    """Load a CustomContrast adapter into ``pipe`` (a pipeline with IP-Adapter support).
+
+    Args:
+        pipe: the pipeline.
+        pretrained_model_name_or_path_or_adapter: a hub repository id, a local folder saved with
+            ``CustomContrastAdapter.save_pretrained``, or a :class:`CustomContrastAdapter`.
+        subfolder: folder of the adapter inside the repository or folder.
+        weight_name: weight file name (default ``diffusion_pytorch_model.safetensors``).
+        image_encoder_folder: where to find the CLIP image encoder if the pipeline has none: a folder name inside
+            ``subfolder``, or a path inside the repository. ``None`` loads no image encoder (then pass
+            ``ip_adapter_image_embeds=``).
+        scale: initial scale of the visual branch.
+        **kwargs: hub arguments (``cache_dir``, ``force_download``, ``local_files_only``, ``token``, ``revision``),
+            and ``torch_dtype`` (default: the UNet's dtype).
+
+    Returns:
+        The loaded adapter (its weights are shared with the pipeline, not copied).
+
+    Raises:
+        ValueError: the pipeline has no IP-Adapter support, or the adapter does not fit its UNet or image encoder.
+        AdapterLoadError: a file is missing, corrupt or unsafe (an ``OSError`` and a ``ValueError``).
+    """
+    _check_pipeline(pipe)
+    unet = pipe.unet
+    dtype = kwargs.pop("torch_dtype", None) or unet.dtype
+    if isinstance(pretrained_model_name_or_path_or_adapter, CustomContrastAdapter):
+        adapter = pretrained_model_name_or_path_or_adapter
+    else:
+        adapter = load_adapter(pretrained_model_name_or_path_or_adapter, subfolder, weight_name, **kwargs)
+    adapter.check_compatible(unet, getattr(pipe, "image_encoder", None))
+    injection.check_can_attach(unet, adapter)
+
+    from_files = not isinstance(pretrained_model_name_or_path_or_adapter, CustomContrastAdapter)
+    if getattr(pipe, "image_encoder", None) is None and image_encoder_folder is not None and from_files:
+        _load_image_encoder(pipe, pretrained_model_name_or_path_or_adapter, subfolder, image_encoder_folder, **kwargs)
+        adapter.check_compatible(unet, pipe.image_encoder)
+    _ensure_feature_extractor(pipe)
+
+    # ModelMixin.to warns about fp32-pinned modules whenever a dtype is given, even with none (diffusers 0.42).
+    torch.nn.Module.to(adapter, device=unet.device, dtype=dtype)
+    injection.attach(unet, adapter, scale=scale)
+    logger.info("Loaded CustomContrast adapter (%d layers) into %s.", adapter.num_layers, type(pipe).__name__)
+    return adapter
+
+
+def unload_customcontrast(pipe: DiffusionPipeline) -> CustomContrastAdapter | None:
+    """Remove the CustomContrast adapter; the pipeline computes exactly what it did before loading it.
+
+    The image encoder stays (unlike ``unload_ip_adapter``), so another adapter can be loaded right away.
+    Returns the removed adapter, or ``None`` if none was loaded.
+    """
+    return injection.detach(pipe.unet)
+
+
+def set_customcontrast_scale(
+    pipe: DiffusionPipeline,
+    scale: injection.ScaleSpec | None = None,
+    s_plus_scale: injection.ScaleSpec | None = None,
+) -> None:
+    """Set how strongly the subject acts: the visual branch (``scale``) and the S+ tokens (``s_plus_scale``).
+
+    Each takes a float (all layers), an InstantStyle-style per-block dict such as
+    ``{"up": {"block_0": [0.0, 1.0, 0.0]}}`` (unnamed blocks get 0), or a list with one value per cross-attention
+    layer. ``scale`` values may be per-subject lists when several subject images are given. ``None`` keeps the
+    current value; 0 for both gives exactly the base pipeline.
+    """
+    injection.set_scale(pipe.unet, scale, s_plus_scale)
+
+
+@contextmanager
+def record_customcontrast(pipe_or_unet: DiffusionPipeline | torch.nn.Module) -> Iterator[SubjectRecorder]:
+    """Within the block, keep the subject tokens and per-layer location maps of the last UNet call.
+
+    ``recorder.location_maps`` maps a layer index to ``[batch, num_subjects, h, w]`` maps in (0, 1).
+    """
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    state = injection.attached(unet)
+    if state is None:
+        raise ValueError("No CustomContrast adapter is loaded: call load_customcontrast() first.")
+    state.recorder.clear()
+    state.recorder.active = True
+    try:
+        yield state.recorder
+    finally:
+        state.recorder.active = False
+
+
+def register_pipeline_methods() -> None:
+    """Make the functions above methods of every ``DiffusionPipeline`` (done on import)."""
+    DiffusionPipeline.load_customcontrast = load_customcontrast
+    DiffusionPipeline.unload_customcontrast = unload_customcontrast
+    DiffusionPipeline.set_customcontrast_scale = set_customcontrast_scale

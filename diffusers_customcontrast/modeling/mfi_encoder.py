@@ -1,0 +1,156 @@
+"""The Multimodal Feature Injection (MFI) encoder of CustomContrast (paper figure 2a, b).
+
+A visual Q-Former summarises the reference image into visual tokens ``V = [V_cls; V_1..V_Nv]``. A textual Q-Former,
+conditioned on the diffusion timestep ``t`` and the cross-attention layer ``l``, produces the layer's S+ tokens
+``s_l(t)`` and a textual CLS token. The TV fusion lets the textual tokens attend over the visual tokens; its attention
+weights ``A_l(t)`` re-weight the visual tokens into the tokens that the layer's visual cross-attention reads.
+
+The work splits in two so inference pays for the image once per generation: :meth:`MFIEncoder.encode_image`
+depends on the image alone, :meth:`MFIEncoder.encode_step` on the timestep and runs all layers in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+from .qformer import KeysValues, QFormer, merge_heads, split_heads
+
+
+@dataclass
+class ImageContext:
+    """What the encoder derives from the reference image alone (independent of timestep and layer)."""
+
+    visual_tokens: torch.Tensor  # [B, Nv, H]
+    visual_cls: torch.Tensor  # [B, H]
+    textual_kv: KeysValues  # per textual Q-Former block, [B, heads, P, d] keys and values of the image
+    fusion_keys: torch.Tensor  # [B, heads, Nv, d]
+    fusion_values: torch.Tensor  # [B, heads, Nv, d]
+
+
+@dataclass
+class SubjectTokens:
+    """The encoder's output for one batch of reference images at one timestep per row."""
+
+    s_plus: torch.Tensor  # [B, L, Ns, D_ctx]: appended to the text context of layer l
+    visual: torch.Tensor  # [B, L, Ns, D_ctx]: read by layer l's visual cross-attention
+    visual_cls: torch.Tensor  # [B, H]
+    textual_cls: torch.Tensor  # [B, L, H]
+
+    def pack(self) -> torch.Tensor:
+        """``[B, L, 2 * Ns, D_ctx]``: the S+ tokens, then the visual tokens, of every layer."""
+        return torch.cat([self.s_plus, self.visual], dim=2)
+
+
+class TVFusion(nn.Module):
+    """Textual tokens query the visual tokens; the attention weights re-weight the visual tokens themselves.
+
+    ``v_l(t) = proj(A_l(t) V)`` with ``A_l(t) = softmax(s_l W_q (V W_k)^T / sqrt(d))``: there is no value projection,
+    so the output is a mixture of the visual Q-Former's tokens chosen by the layer's and timestep's textual tokens.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(hidden_size, hidden_size)
+        self.proj = nn.Linear(hidden_size, cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def keys_values(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_heads(self.to_k(visual_tokens), self.num_heads), split_heads(visual_tokens, self.num_heads)
+
+    def forward(self, textual: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``textual`` ``[B, L, Ns, H]`` -> fused visual tokens ``[B, L, Ns, D_ctx]``."""
+        batch, layers, tokens, hidden = textual.shape
+        q = split_heads(self.to_q(textual.reshape(batch, layers * tokens, hidden)), self.num_heads)
+        fused = merge_heads(F.scaled_dot_product_attention(q, keys, values))
+        return self.norm(self.proj(fused)).view(batch, layers, tokens, -1)
+
+
+class MFIEncoder(nn.Module):
+    """Visual Q-Former, timestep- and layer-conditioned textual Q-Former, and TV fusion.
+
+    Args:
+        image_embed_dim: width of the image features ``F`` (CLIP vision hidden size, times the number of hidden
+            layers concatenated).
+        cross_attention_dim: the UNet's context width ``D_ctx`` (768 for SD1.5, 2048 for SDXL).
+        num_layers: number of cross-attention layers ``L`` of the UNet.
+        hidden_size, num_heads: width and heads of both Q-Formers.
+        visual_depth, textual_depth: number of blocks of each Q-Former.
+        num_visual_tokens: ``Nv``, visual tokens besides the visual CLS.
+        num_textual_tokens: ``Ns``, S+ tokens per layer (and fused visual tokens per layer).
+        timestep_embed_dim: width of the sinusoidal timestep features.
+        mlp_ratio: MLP expansion of the Q-Former blocks.
+    """
+
+    def __init__(
+        self,
+        image_embed_dim: int,
+        cross_attention_dim: int,
+        num_layers: int,
+        hidden_size: int = 768,
+        num_heads: int = 12,
+        visual_depth: int = 4,
+        textual_depth: int = 2,
+        num_visual_tokens: int = 16,
+        num_textual_tokens: int = 8,
+        timestep_embed_dim: int = 256,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.num_textual_tokens = num_textual_tokens
+        self.image_proj = nn.Sequential(nn.LayerNorm(image_embed_dim), nn.Linear(image_embed_dim, hidden_size))
+
+        self.visual_queries = nn.Parameter(torch.randn(1 + num_visual_tokens, hidden_size) * 0.02)
+        self.visual_qformer = QFormer(hidden_size, num_heads, visual_depth, mlp_ratio)
+
+        self.textual_queries = nn.Parameter(torch.randn(num_textual_tokens + 1, hidden_size) * 0.02)
+        self.time_proj = Timesteps(timestep_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(timestep_embed_dim, hidden_size)
+        self.layer_embedding = nn.Embedding(num_layers, hidden_size)
+        self.textual_qformer = QFormer(hidden_size, num_heads, textual_depth, mlp_ratio)
+
+        self.s_plus_proj = nn.Sequential(nn.Linear(hidden_size, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
+        self.tv_fusion = TVFusion(hidden_size, cross_attention_dim, num_heads)
+
+    def encode_image(self, image_features: torch.Tensor) -> ImageContext:
+        """The timestep-independent part: visual Q-Former and the image keys of the textual Q-Former and fusion."""
+        context = self.image_proj(image_features)
+        queries = self.visual_queries.expand(context.shape[0], 1, -1, -1)
+        visual = self.visual_qformer(queries, self.visual_qformer.image_keys_values(context))[:, 0]
+        fusion_keys, fusion_values = self.tv_fusion.keys_values(visual[:, 1:])
+        return ImageContext(
+            visual_tokens=visual[:, 1:],
+            visual_cls=visual[:, 0],
+            textual_kv=self.textual_qformer.image_keys_values(context),
+            fusion_keys=fusion_keys,
+            fusion_values=fusion_values,
+        )
+
+    def encode_step(self, image: ImageContext, timesteps: torch.Tensor) -> SubjectTokens:
+        """The (t, l)-dependent part for every layer at once; ``timesteps`` holds one value per batch row."""
+        batch = image.visual_cls.shape[0]
+        dtype = image.visual_cls.dtype
+        timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
+        time = self.time_embedding(self.time_proj(timesteps).to(dtype))
+        layers = self.layer_embedding.weight.to(dtype)
+        queries = self.textual_queries + time[:, None, None, :] + layers[None, :, None, :]
+        textual = self.textual_qformer(queries, image.textual_kv)
+
+        ns = self.num_textual_tokens
+        return SubjectTokens(
+            s_plus=self.s_plus_proj(textual[:, :, :ns]),
+            visual=self.tv_fusion(textual[:, :, :ns], image.fusion_keys, image.fusion_values),
+            visual_cls=image.visual_cls,
+            textual_cls=textual[:, :, ns],
+        )
+
+    def forward(self, image_features: torch.Tensor, timesteps: torch.Tensor) -> SubjectTokens:
+        """Encode ``[B, P, image_embed_dim]`` image features at ``timesteps`` (``[B]`` or a scalar)."""
+        return self.encode_step(self.encode_image(image_features), timesteps)

@@ -1,0 +1,92 @@
+"""A Q-Former whose image-side keys and values can be computed once and reused.
+
+transformers' ``Blip2QFormerModel`` would fit the maths, but it projects ``encoder_hidden_states`` into keys and
+values inside every call. The textual Q-Former runs once per (timestep, layer): with it, each denoising step would
+re-project the same image features for every one of the UNet's 16 (SD1.5) or 70 (SDXL) cross-attention layers.
+Here the image side is projected once per image (:meth:`QFormer.image_keys_values`) and any number of query groups
+(one per layer) attend to it in a single batched call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, N, C]`` -> ``[B, heads, N, C // heads]``."""
+    batch, length, channels = x.shape
+    return x.view(batch, length, num_heads, channels // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, N, d]`` -> ``[B, N, heads * d]``."""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+class QFormerBlock(nn.Module):
+    """Pre-norm block: self-attention within each query group, cross-attention to the image, MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
+        self.num_heads = num_heads
+        self.norm_self = nn.LayerNorm(hidden_size)
+        self.to_qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.self_out = nn.Linear(hidden_size, hidden_size)
+        self.norm_cross = nn.LayerNorm(hidden_size)
+        self.to_q_cross = nn.Linear(hidden_size, hidden_size)
+        self.to_kv_image = nn.Linear(hidden_size, 2 * hidden_size)
+        self.cross_out = nn.Linear(hidden_size, hidden_size)
+        self.norm_mlp = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, int(hidden_size * mlp_ratio)),
+            nn.GELU(),
+            nn.Linear(int(hidden_size * mlp_ratio), hidden_size),
+        )
+
+    def image_keys_values(self, image_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project ``[B, P, C]`` image tokens to per-head keys and values ``[B, heads, P, d]``."""
+        key, value = self.to_kv_image(image_context).chunk(2, dim=-1)
+        return split_heads(key, self.num_heads), split_heads(value, self.num_heads)
+
+    def forward(self, queries: torch.Tensor, image_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``queries`` is ``[B, G, Q, C]``: G groups of Q queries per image, each group self-attending alone."""
+        batch, groups, num_queries, channels = queries.shape
+
+        grouped = self.norm_self(queries).reshape(batch * groups, num_queries, channels)
+        q, k, v = (split_heads(t, self.num_heads) for t in self.to_qkv(grouped).chunk(3, dim=-1))
+        attended = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        queries = queries + self.self_out(attended).view(batch, groups, num_queries, channels)
+
+        # All groups of one image attend to that image's keys in one call: no copy of the keys per group.
+        flat = self.norm_cross(queries).reshape(batch, groups * num_queries, channels)
+        q = split_heads(self.to_q_cross(flat), self.num_heads)
+        attended = merge_heads(F.scaled_dot_product_attention(q, *image_kv))
+        queries = queries + self.cross_out(attended).view(batch, groups, num_queries, channels)
+
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class QFormer(nn.Module):
+    """A stack of :class:`QFormerBlock` with a final LayerNorm."""
+
+    def __init__(self, hidden_size: int, num_heads: int, depth: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([QFormerBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(hidden_size)
+
+    def image_keys_values(self, image_context: torch.Tensor) -> KeysValues:
+        """Keys and values of the image tokens for every block; depends on the image only."""
+        return [block.image_keys_values(image_context) for block in self.blocks]
+
+    def forward(self, queries: torch.Tensor, image_kv: KeysValues) -> torch.Tensor:
+        """Run ``[B, G, Q, C]`` query groups against precomputed image keys and values."""
+        for block, kv in zip(self.blocks, image_kv, strict=True):
+            queries = block(queries, kv)
+        return self.norm_out(queries)

@@ -1,0 +1,125 @@
+"""Reading an adapter folder (``config.json`` + safetensors weights) from disk or the Hugging Face Hub, safely.
+
+Weights load from safetensors; a ``.bin`` file only through ``torch.load(weights_only=True)``, which refuses
+arbitrary pickled objects. Every problem is reported in one sentence before anything is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import load_file
+
+from .modeling.adapter import CustomContrastAdapter
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = CustomContrastAdapter.config_name
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")
+
+
+class AdapterLoadError(OSError, ValueError):
+    """A CustomContrast adapter could not be read: a missing, corrupt, unsafe or mismatched file."""
+
+
+def resolve_file(
+    pretrained_model_name_or_path: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs
+) -> Path:
+    """The local path of ``filename`` in a local folder or a hub repository (downloaded or from the cache)."""
+    source = Path(pretrained_model_name_or_path)
+    if source.is_dir():
+        path = source / (subfolder or "") / filename
+        if not path.is_file():
+            raise AdapterLoadError(f"No file named '{filename}' in '{path.parent}'.")
+        return path
+    try:
+        return Path(
+            hf_hub_download(
+                str(pretrained_model_name_or_path),
+                filename,
+                subfolder=subfolder or None,
+                **{k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and k != "proxies"},
+            )
+        )
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, ValueError) as error:
+        where = f"{pretrained_model_name_or_path}" + (f"/{subfolder}" if subfolder else "")
+        raise AdapterLoadError(
+            f"Could not get '{filename}' from '{where}' (neither a local folder nor a reachable hub repository "
+            f"holding it): {error}"
+        ) from error
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.bin``/``.pt`` file that holds nothing but tensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors raises its own error types, and OSError for short files
+            raise AdapterLoadError(f"'{path}' is not a valid safetensors file (truncated or corrupt): {error}") from error
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for unsafe pickles, RuntimeError for damaged archives
+        raise AdapterLoadError(
+            f"Refusing '{path}': it is not a plain tensor checkpoint loadable with torch.load(weights_only=True) "
+            f"(convert it to safetensors): {error}"
+        ) from error
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise AdapterLoadError(f"'{path}' does not hold a flat dict of tensors.")
+    return state_dict
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The adapter's ``config.json`` as a dict."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterLoadError(f"'{path}' is not a readable JSON config: {error}") from error
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"'{path}' must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def adapter_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]) -> CustomContrastAdapter:
+    """Build an adapter from its config and move the tensors in without a second copy (meta init + assign)."""
+    try:
+        with init_empty_weights():
+            adapter = CustomContrastAdapter.from_config(config)
+    except (TypeError, ValueError) as error:
+        raise AdapterLoadError(f"Invalid CustomContrast adapter config: {error}") from error
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. '{missing[0]}')")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. '{unexpected[0]}')")
+        if wrong_shape:
+            key = wrong_shape[0]
+            problems.append(
+                f"{len(wrong_shape)} tensors of the wrong shape (e.g. '{key}': expected "
+                f"{tuple(expected[key].shape)}, got {tuple(state_dict[key].shape)})"
+            )
+        raise AdapterLoadError("The weights do not match the adapter config: " + "; ".join(problems) + ".")
+    adapter.load_state_dict(state_dict, strict=True, assign=True)
+    return adapter.eval()
+
+
+def load_adapter(
+    pretrained_model_name_or_path: str | os.PathLike,
+    subfolder: str | None = None,
+    weight_name: str | None = None,
+    **hub_kwargs,
+) -> CustomContrastAdapter:
+    """Load a saved adapter folder (local or on the hub) into a :class:`CustomContrastAdapter`."""
+    config = read_config(resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **hub_kwargs))
+    weights = resolve_file(pretrained_model_name_or_path, weight_name or WEIGHTS_NAME, subfolder, **hub_kwargs)
+    return adapter_from_state_dict(config, read_state_dict(weights))

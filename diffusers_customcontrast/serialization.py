@@ -54,6 +54,17 @@ def resolve_file(
         ) from error
 
 
+def safe_torch_load(path: str | os.PathLike) -> object:
+    """``torch.load`` that refuses anything but tensors and plain containers (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for unsafe pickles, RuntimeError for damaged archives
+        raise AdapterLoadError(
+            f"Refusing '{path}': it is not a plain tensor checkpoint loadable with torch.load(weights_only=True) "
+            f"(convert it to safetensors): {error}"
+        ) from error
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.bin``/``.pt`` file that holds nothing but tensors."""
     path = Path(path)
@@ -62,13 +73,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types, and OSError for short files
             raise AdapterLoadError(f"'{path}' is not a valid safetensors file (truncated or corrupt): {error}") from error
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError for unsafe pickles, RuntimeError for damaged archives
-        raise AdapterLoadError(
-            f"Refusing '{path}': it is not a plain tensor checkpoint loadable with torch.load(weights_only=True) "
-            f"(convert it to safetensors): {error}"
-        ) from error
+    state_dict = safe_torch_load(path)
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise AdapterLoadError(f"'{path}' does not hold a flat dict of tensors.")
     return state_dict

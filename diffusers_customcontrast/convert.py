@@ -15,6 +15,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--image_encoder", default=None, help="hub id or folder of the CLIP image encoder")
     parser.add_argument("--image_encoder_subfolder", default="models/image_encoder")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--adapter_config", default="{}", help="JSON of CustomContrastAdapter options")
     parser.add_argument("--local_files_only", action="store_true")
     args = parser.parse_args(argv)
 
@@ -131,7 +133,12 @@ def main(argv: list[str] | None = None) -> Path:
             args.image_encoder, subfolder=args.image_encoder_subfolder or None, **hub
         )
     adapter = adapter_from_ip_adapter(
-        unet, args.ip_adapter, image_encoder, args.weight_name, hub_kwargs={"subfolder": args.subfolder, **hub}
+        unet,
+        args.ip_adapter,
+        image_encoder,
+        args.weight_name,
+        hub_kwargs={"subfolder": args.subfolder, **hub},
+        **json.loads(args.adapter_config),
     )
     adapter.save_pretrained(args.output_dir)
     if image_encoder is not None:

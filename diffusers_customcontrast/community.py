@@ -1,0 +1,113 @@
+"""Friendlier pipeline arguments for CustomContrast, shared by the community pipelines in ``pipelines/``.
+
+``pipe(prompt, subject_image=..., subject_scale=..., subject_masks=..., return_location_maps=True)`` instead of
+``ip_adapter_image=`` and ``cross_attention_kwargs={"ip_adapter_masks": ...}``, with the timestep location maps of
+every step returned for inspection (like the paper's figure of location maps over the sampling steps).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from . import injection
+from .loading import record_customcontrast, set_customcontrast_scale
+from .recording import SubjectRecorder
+
+
+@dataclass
+class CustomContrastPipelineOutput(BaseOutput):
+    """The pipeline's images, and with ``return_location_maps`` one ``[batch, num_subjects, h, w]`` map per step.
+
+    Each step's map is the mean over the cross-attention layers, resized to the latent resolution.
+    """
+
+    images: list[Image.Image] | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+    location_maps: list[torch.Tensor] | None = None
+
+
+def mean_location_map(recorder: SubjectRecorder) -> torch.Tensor:
+    """The layer-mean of the last UNet call's location maps, at the largest layer's resolution."""
+    maps = list(recorder.location_maps.values())
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    resized = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
+    return torch.stack(resized).mean(dim=0).cpu()
+
+
+class CustomContrastPipelineMixin:
+    """Adds ``subject_image``, ``subject_scale``, ``s_plus_scale``, ``subject_masks`` and ``return_location_maps``.
+
+    Mix it in before a diffusers pipeline class with ``IPAdapterMixin``. Scales given to a call apply to that call
+    only; the pipeline's own scales are restored afterwards.
+    """
+
+    def __call__(
+        self,
+        *args,
+        subject_image: Image.Image | list[Image.Image] | None = None,
+        subject_scale: injection.ScaleSpec | None = None,
+        s_plus_scale: injection.ScaleSpec | None = None,
+        subject_masks: list[Image.Image] | torch.Tensor | None = None,
+        return_location_maps: bool = False,
+        **kwargs,
+    ) -> CustomContrastPipelineOutput:
+        state = injection.attached(self.unet)
+        if state is None and (subject_image is not None or return_location_maps):
+            raise ValueError("Load an adapter first: pipe.load_customcontrast(...).")
+        if subject_image is not None:
+            kwargs["ip_adapter_image"] = [list(subject_image)] if isinstance(subject_image, list) else subject_image
+        if subject_masks is not None:
+            kwargs["cross_attention_kwargs"] = {
+                **(kwargs.get("cross_attention_kwargs") or {}),
+                "ip_adapter_masks": [self._subject_mask_tensor(subject_masks, kwargs)],
+            }
+
+        saved = {name: (p.scale, p.s_plus_scale) for name, p in state.processors.items()} if state else {}
+        if subject_scale is not None or s_plus_scale is not None:
+            set_customcontrast_scale(self, subject_scale, s_plus_scale)
+        maps: list[torch.Tensor] = []
+        try:
+            with record_customcontrast(self) if return_location_maps else nullcontext() as recorder:
+                if recorder is not None:
+                    kwargs["callback_on_step_end"] = self._collect_maps(
+                        recorder, maps, kwargs.get("callback_on_step_end")
+                    )
+                output = super().__call__(*args, **kwargs)
+        finally:
+            for name, (scale, beta) in saved.items():
+                state.processors[name].scale, state.processors[name].s_plus_scale = scale, beta
+
+        images, nsfw = (
+            (output[0], output[1] if len(output) > 1 else None)
+            if isinstance(output, tuple)
+            else (
+                output.images,
+                getattr(output, "nsfw_content_detected", None),
+            )
+        )
+        return CustomContrastPipelineOutput(images=images, nsfw_content_detected=nsfw, location_maps=maps or None)
+
+    def _subject_mask_tensor(self, masks: list[Image.Image] | torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """``[1, num_subjects, H, W]`` masks at the output resolution."""
+        if torch.is_tensor(masks):
+            return masks if masks.ndim == 4 else masks.reshape(1, -1, *masks.shape[-2:])
+        height = kwargs.get("height") or self.default_sample_size * self.vae_scale_factor
+        width = kwargs.get("width") or self.default_sample_size * self.vae_scale_factor
+        processed = IPAdapterMaskProcessor().preprocess(list(masks), height=height, width=width)
+        return processed.reshape(1, len(masks), height, width)
+
+    @staticmethod
+    def _collect_maps(recorder: SubjectRecorder, maps: list[torch.Tensor], user_callback):
+        def callback(pipe, step, timestep, callback_kwargs):
+            if recorder.location_maps:
+                maps.append(mean_location_map(recorder))
+            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else callback_kwargs
+
+        return callback

@@ -1,0 +1,55 @@
+"""Training data of CustomContrast: subject sources, frame triplets, subject-unique batches, a synthetic world.
+
+```python
+from torch.utils.data import DataLoader
+from diffusers_customcontrast.data import SubjectTripletDataset, UniqueSubjectBatchSampler, collate_triplets
+
+dataset = SubjectTripletDataset("data/subjects", resolution=512)          # folder, .jsonl or datasets.Dataset
+sampler = UniqueSubjectBatchSampler(dataset, batch_size=8, drop_last=True)
+loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_triplets, num_workers=4)
+for epoch in range(num_epochs):
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    for batch in loader:
+        ...
+```
+
+The formats are described in ``docs/data_format.md``.
+"""
+
+from .formats import (
+    DEFAULT_CAPTION_TEMPLATE,
+    IMAGE_EXTENSIONS,
+    Frame,
+    ImageReadError,
+    ImageSource,
+    SubjectIndex,
+    load_hf_subjects,
+    load_subject_folder,
+    load_subject_manifest,
+    load_subjects,
+)
+from .sampler import UniqueSubjectBatchSampler
+from .synthetic import SyntheticSubject, make_subject, render_frame, write_synthetic_dataset
+from .triplets import SubjectTripletDataset, TripletDraw, collate_triplets
+
+__all__ = [
+    "DEFAULT_CAPTION_TEMPLATE",
+    "IMAGE_EXTENSIONS",
+    "Frame",
+    "ImageReadError",
+    "ImageSource",
+    "SubjectIndex",
+    "SubjectTripletDataset",
+    "SyntheticSubject",
+    "TripletDraw",
+    "UniqueSubjectBatchSampler",
+    "collate_triplets",
+    "load_hf_subjects",
+    "load_subject_folder",
+    "load_subject_manifest",
+    "load_subjects",
+    "make_subject",
+    "render_frame",
+    "write_synthetic_dataset",
+]

@@ -68,6 +68,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         self.to_v_ip = nn.ModuleList([layer.to_v_ip])
         self.location = layer.location
         self.recorder = recorder if recorder is not None else SubjectRecorder()
+        self._checked_masks: tuple[torch.Tensor, int] | None = None  # the last mask tensor whose values passed
 
     def __call__(
         self,
@@ -215,18 +216,29 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
             self.recorder.record_location(self.layer_index, torch.stack(maps, dim=1))
         return hidden_states
 
-    @staticmethod
-    def _subject_masks(ip_adapter_masks: torch.Tensor | list | None, num_subjects: int) -> torch.Tensor | None:
+    def _subject_masks(self, ip_adapter_masks: torch.Tensor | list | None, num_subjects: int) -> torch.Tensor | None:
         """The user's masks for this adapter as ``[1, n, H, W]``, validated."""
         if ip_adapter_masks is None:
             return None
         masks = ip_adapter_masks[0] if isinstance(ip_adapter_masks, list) else ip_adapter_masks
         if masks is None:
             return None
-        if not isinstance(masks, torch.Tensor) or masks.ndim != 4 or masks.shape[1] != num_subjects:
+        if not isinstance(masks, torch.Tensor) or masks.ndim != 4 or masks.shape[:2] != (1, num_subjects):
             shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
             raise ValueError(
                 f"ip_adapter_masks must hold one [1, num_subjects, height, width] tensor with num_subjects = "
                 f"{num_subjects} (from IPAdapterMaskProcessor().preprocess), got {shape}."
             )
+        # The values are checked once per mask tensor (not per layer and step): a NaN or 0..255 mask would scale
+        # the subject's branch without a word.
+        checked = self._checked_masks
+        if masks.device.type != "meta" and (
+            checked is None or checked[0] is not masks or checked[1] != masks._version
+        ):
+            if not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
+                raise ValueError(
+                    "ip_adapter_masks values must lie in [0, 1] (IPAdapterMaskProcessor().preprocess gives 0 or 1), "
+                    f"got [{masks.min().item():.4g}, {masks.max().item():.4g}]."
+                )
+            self._checked_masks = (masks, masks._version)
         return masks

@@ -45,6 +45,13 @@ class CustomContrastImageProjection(nn.Module):
                 "The CustomContrast image projection ran outside a UNet forward: call the UNet (or the pipeline) "
                 "rather than unet.encoder_hid_proj directly."
             )
+        width = self.encoder.image_proj[0].normalized_shape[0]
+        if image_features.ndim != 3 or image_features.shape[-1] != width:
+            raise ValueError(
+                f"The subject features must be [num_images, tokens, {width}] (ip_adapter_image_embeds: a list with one "
+                f"[batch, num_subjects, tokens, {width}] tensor, the negative rows first under guidance, as "
+                f"pipe.prepare_ip_adapter_image_embeds returns), got {list(image_features.shape)}."
+            )
         image = self._image_context(image_features)
         tokens = self.encoder.encode_step(image, self._timesteps_for(image_features.shape[0]))
         if self.recorder.active:
@@ -73,6 +80,12 @@ class CustomContrastImageProjection(nn.Module):
             tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()),
         )
         if self._cache is None or self._cache[0] != key:
+            # Checked once per generation: NaN features would give a NaN image without a word.
+            if image_features.device.type != "meta" and not torch.isfinite(image_features).all():
+                raise ValueError(
+                    "The subject features hold NaN or infinite values (from ip_adapter_image_embeds, or an image "
+                    "encoder that overflowed, e.g. in float16): CustomContrast would produce a NaN image."
+                )
             # Holding the features keeps their memory from being reused by other data at the same address.
             self._cache = (key, image_features, self.encoder.encode_image(image_features))
         return self._cache[2]

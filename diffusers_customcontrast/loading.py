@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 from diffusers.loaders import IPAdapterMixin
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from . import injection
+from . import injection, inputs
 from .modeling.adapter import CustomContrastAdapter
 from .recording import SubjectRecorder
 from .serialization import AdapterLoadError, load_adapter, resolve_file
@@ -36,8 +36,8 @@ def _check_pipeline(pipe: DiffusionPipeline) -> None:
 
 def _load_image_encoder(
     pipe: DiffusionPipeline, source: str | os.PathLike, subfolder: str | None, folder: str, **hub_kwargs
-) -> None:
-    """Load the CLIP image encoder shipped with the adapter, as ``load_ip_adapter`` does."""
+) -> CLIPVisionModelWithProjection | None:
+    """The CLIP image encoder shipped with the adapter, as ``load_ip_adapter`` finds it (not yet registered)."""
     location = folder if "/" in folder else Path(subfolder or "", folder).as_posix()
     try:
         resolve_file(source, "config.json", location, **hub_kwargs)
@@ -48,10 +48,9 @@ def _load_image_encoder(
             source,
             location,
         )
-        return
+        return None
     hub = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "local_files_only", "token", "revision")}
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(source, subfolder=location, dtype=pipe.dtype, **hub)
-    pipe.register_modules(image_encoder=image_encoder.to(pipe.device))
+    return CLIPVisionModelWithProjection.from_pretrained(source, subfolder=location, dtype=pipe.dtype, **hub)
 
 
 def _ensure_feature_extractor(pipe: DiffusionPipeline) -> None:
@@ -90,6 +89,10 @@ def load_customcontrast(
     Raises:
         ValueError: the pipeline has no IP-Adapter support, or the adapter does not fit its UNet or image encoder.
         AdapterLoadError: a file is missing, corrupt or unsafe (an ``OSError`` and a ``ValueError``).
+
+    Everything is checked before the pipeline is changed: when loading fails, the pipeline (and an adapter loaded
+    before) is left exactly as it was. While the adapter is loaded, subject images are normalised before the
+    pipeline's feature extractor sees them (see :mod:`diffusers_customcontrast.inputs`).
     """
     _check_pipeline(pipe)
     unet = pipe.unet
@@ -102,14 +105,24 @@ def load_customcontrast(
     injection.check_can_attach(unet, adapter)
 
     from_files = not isinstance(pretrained_model_name_or_path_or_adapter, CustomContrastAdapter)
+    image_encoder = None
     if getattr(pipe, "image_encoder", None) is None and image_encoder_folder is not None and from_files:
-        _load_image_encoder(pipe, pretrained_model_name_or_path_or_adapter, subfolder, image_encoder_folder, **kwargs)
-        adapter.check_compatible(unet, pipe.image_encoder)
-    _ensure_feature_extractor(pipe)
+        image_encoder = _load_image_encoder(
+            pipe, pretrained_model_name_or_path_or_adapter, subfolder, image_encoder_folder, **kwargs
+        )
+        if image_encoder is not None:
+            adapter.check_compatible(unet, image_encoder)
 
+    # Everything is checked: from here on the pipeline changes.
+    if image_encoder is not None:
+        pipe.register_modules(image_encoder=image_encoder.to(pipe.device))
+    _ensure_feature_extractor(pipe)
     # ModelMixin.to warns about fp32-pinned modules whenever a dtype is given, even with none (diffusers 0.42).
     torch.nn.Module.to(adapter, device=unet.device, dtype=dtype)
-    injection.attach(unet, adapter, scale=scale)
+    state = injection.attach(unet, adapter, scale=scale)
+    state.cleanups.append(
+        inputs.install(getattr(pipe, "feature_extractor", None), getattr(pipe, "image_encoder", None))
+    )
     logger.info("Loaded CustomContrast adapter (%d layers) into %s.", adapter.num_layers, type(pipe).__name__)
     return adapter
 
@@ -145,7 +158,7 @@ def record_customcontrast(pipe_or_unet: DiffusionPipeline | torch.nn.Module) -> 
     ``recorder.location_maps`` maps a layer index to ``[batch, num_subjects, h, w]`` maps in (0, 1).
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    state = injection.attached(unet)
+    state = injection.reconcile(unet)
     if state is None:
         raise ValueError("No CustomContrast adapter is loaded: call load_customcontrast() first.")
     state.recorder.clear()

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file
@@ -74,8 +73,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises its own error types, and OSError for short files
             raise AdapterLoadError(f"'{path}' is not a valid safetensors file (truncated or corrupt): {error}") from error
     state_dict = safe_torch_load(path)
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise AdapterLoadError(f"'{path}' does not hold a flat dict of tensors.")
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items()
+    ):
+        raise AdapterLoadError(f"'{path}' does not hold a flat dict of tensors keyed by name.")
     return state_dict
 
 
@@ -83,19 +84,46 @@ def read_config(path: str | os.PathLike) -> dict:
     """The adapter's ``config.json`` as a dict."""
     try:
         config = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise AdapterLoadError(f"'{path}' is not a readable JSON config: {error}") from error
     if not isinstance(config, dict):
         raise AdapterLoadError(f"'{path}' must hold a JSON object, got {type(config).__name__}.")
     return config
 
 
+def _check_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Refuse tensors that are not dense, finite floating-point data; give mixed float dtypes one dtype (float32)."""
+    not_float = [
+        k for k, v in state_dict.items() if not v.is_floating_point() or v.layout != torch.strided or v.is_meta
+    ]
+    if not_float:
+        key = not_float[0]
+        raise AdapterLoadError(
+            f"The weights hold {len(not_float)} tensors that are not dense floating-point data (e.g. '{key}': "
+            f"{state_dict[key].dtype}, {state_dict[key].layout}{', meta' if state_dict[key].is_meta else ''})."
+        )
+    not_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+    if not_finite:
+        raise AdapterLoadError(
+            f"The weights hold NaN or infinite values in {len(not_finite)} tensors (e.g. '{not_finite[0]}'): the file "
+            "is damaged or the training diverged."
+        )
+    if len({v.dtype for v in state_dict.values()}) > 1:
+        state_dict = {k: v.float() for k, v in state_dict.items()}
+    return state_dict
+
+
 def adapter_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]) -> CustomContrastAdapter:
     """Build an adapter from its config and move the tensors in without a second copy (meta init + assign)."""
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items()
+    ):
+        raise AdapterLoadError("The weights must be a flat dict of tensors keyed by name.")
     try:
-        with init_empty_weights():
+        # Every tensor the constructor makes is on the meta device: a config asking for huge sizes costs nothing.
+        with torch.device("meta"):
             adapter = CustomContrastAdapter.from_config(config)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise AdapterLoadError(f"Invalid CustomContrast adapter config: {error}") from error
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -114,7 +142,7 @@ def adapter_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]) -
                 f"{tuple(expected[key].shape)}, got {tuple(state_dict[key].shape)})"
             )
         raise AdapterLoadError("The weights do not match the adapter config: " + "; ".join(problems) + ".")
-    adapter.load_state_dict(state_dict, strict=True, assign=True)
+    adapter.load_state_dict(_check_tensors(state_dict), strict=True, assign=True)
     return adapter.eval()
 
 

@@ -30,9 +30,9 @@ def _hub_offline() -> Iterator[None]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _limit_torch_threads() -> None:
-    # Tests run on small CI machines (2 cores); more threads only add contention between workers.
-    if torch.get_num_threads() > 2:
-        torch.set_num_threads(2)
+    # The tiny models are dominated by per-op overhead: one thread runs them fastest, and on a 2-core machine
+    # shared with another process two OpenMP threads mostly wait on each other (measured 3-15x slower).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -83,17 +83,6 @@ prompt_list = [
 # --------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Run the tiny models on one thread: faster for them, and immune to a busy neighbour core."""
-    # With two intra-op threads, every op waits for the slower thread; on a shared CI core that made a 1 s test
-    # take 20 s.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2 / CLIP byte-to-symbol table, so that any text tokenizes with a byte-level vocabulary and no merges.
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -37,15 +37,6 @@ SAMPLING = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two threads on two shared cores wait on each other (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def example(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Callable[..., Any]]:
     """``example("generate_sd15")`` -> that script's ``main``, imported the way ``python examples/x.py`` runs it."""

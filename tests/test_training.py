@@ -50,16 +50,6 @@ TINY_ADAPTER = {
 RESOLUTION = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One thread per process: the steps are tiny, and on a busy 2-core machine OpenMP threads mostly wait on
-    # each other (measured: 15x slower with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD1.5 and SDXL base-model folders and a synthetic subject folder (8 subjects x 3 frames)."""

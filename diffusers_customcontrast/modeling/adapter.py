@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from contextlib import nullcontext
 
 import torch
@@ -18,6 +20,78 @@ from .unet_layout import CrossAttentionLayout, attention_module, cross_attention
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+BASE_FAMILIES = ("sd15", "sdxl", "custom")
+MAX_SIZE = 2**31 - 1  # widths, depths and counts above this are a damaged config, not a model
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) <= MAX_SIZE
+
+
+def _is_number(value: object) -> bool:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _validate_config(config: dict) -> None:
+    """Raise a one-sentence ``ValueError`` naming the first field of a config (e.g. a damaged ``config.json``) that
+    has the wrong type or an impossible value. The format version is checked first: a newer format may differ."""
+    version = config["format_version"]
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"format_version must be a positive integer, got {version!r}.")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"This adapter uses config format version {version}, but this version of "
+            f"diffusers-customcontrast reads up to version {FORMAT_VERSION}: upgrade diffusers-customcontrast."
+        )
+
+    def fail(name: str, what: str) -> ValueError:
+        return ValueError(f"{name} must be {what}, got {config[name]!r}.")
+
+    positive = (
+        "image_embed_dim", "cross_attention_dim", "hidden_size", "num_heads", "visual_depth", "textual_depth",
+        "num_visual_tokens", "num_textual_tokens", "timestep_embed_dim",
+    )  # fmt: skip
+    for name in positive:
+        if not _is_int(config[name]) or config[name] < 1:
+            raise fail(name, f"a positive integer up to {MAX_SIZE}")
+    if config["image_encoder_hidden_size"] is not None and (
+        not _is_int(config["image_encoder_hidden_size"]) or config["image_encoder_hidden_size"] < 1
+    ):
+        raise fail("image_encoder_hidden_size", f"a positive integer up to {MAX_SIZE} or null")
+    names, sizes = config["layer_names"], config["layer_hidden_sizes"]
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise fail("layer_names", "a non-empty list of cross-attention processor names")
+    if len(set(names)) != len(names):
+        raise fail("layer_names", "a list of distinct names")
+    if not isinstance(sizes, (list, tuple)) or not all(_is_int(w) and w >= 1 for w in sizes):
+        raise fail("layer_hidden_sizes", f"a list of positive integers up to {MAX_SIZE}")
+    if len(sizes) != len(names):
+        raise ValueError(
+            "CustomContrastAdapter needs one hidden size per cross-attention layer; got "
+            f"{len(names)} layer names and {len(sizes)} hidden sizes "
+            "(build it with CustomContrastAdapter.from_unet(unet, image_encoder))."
+        )
+    if config["base_family"] not in BASE_FAMILIES:
+        raise fail("base_family", f"one of {', '.join(BASE_FAMILIES)}")
+    layers = config["image_feature_layers"]
+    if layers is not None and (not isinstance(layers, (list, tuple)) or not layers or not all(map(_is_int, layers))):
+        raise fail("image_feature_layers", "a non-empty list of hidden-state indices or null")
+    if config["image_encoder"] is not None and not isinstance(config["image_encoder"], str):
+        raise fail("image_encoder", "a hub id or path or null")
+    mlp_width = config["hidden_size"] * config["mlp_ratio"] if _is_number(config["mlp_ratio"]) else 0
+    if not 1 <= mlp_width <= MAX_SIZE:
+        raise fail("mlp_ratio", f"a number with hidden_size * mlp_ratio in [1, {MAX_SIZE}]")
+    if not _is_number(config["location_init_bias"]):
+        raise fail("location_init_bias", "a finite number")
+    if config["hidden_size"] % config["num_heads"]:
+        raise ValueError(
+            f"hidden_size ({config['hidden_size']}) must be divisible by num_heads ({config['num_heads']})."
+        )
 
 
 class CustomContrastAdapter(ModelMixin, ConfigMixin):
@@ -69,19 +143,28 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
         format_version: int = FORMAT_VERSION,
     ) -> None:
         super().__init__()
-        if format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"This adapter uses config format version {format_version}, but this version of "
-                f"diffusers-customcontrast reads up to version {FORMAT_VERSION}: upgrade diffusers-customcontrast."
-            )
-        layer_names = list(layer_names or [])
-        layer_hidden_sizes = list(layer_hidden_sizes or [])
-        if not layer_names or len(layer_names) != len(layer_hidden_sizes):
-            raise ValueError(
-                "CustomContrastAdapter needs one hidden size per cross-attention layer; got "
-                f"{len(layer_names)} layer names and {len(layer_hidden_sizes)} hidden sizes "
-                "(build it with CustomContrastAdapter.from_unet(unet, image_encoder))."
-            )
+        _validate_config(
+            {
+                "image_embed_dim": image_embed_dim,
+                "cross_attention_dim": cross_attention_dim,
+                "layer_names": [] if layer_names is None else layer_names,
+                "layer_hidden_sizes": [] if layer_hidden_sizes is None else layer_hidden_sizes,
+                "base_family": base_family,
+                "image_encoder_hidden_size": image_encoder_hidden_size,
+                "image_feature_layers": image_feature_layers,
+                "image_encoder": image_encoder,
+                "hidden_size": hidden_size,
+                "num_heads": num_heads,
+                "visual_depth": visual_depth,
+                "textual_depth": textual_depth,
+                "num_visual_tokens": num_visual_tokens,
+                "num_textual_tokens": num_textual_tokens,
+                "timestep_embed_dim": timestep_embed_dim,
+                "mlp_ratio": mlp_ratio,
+                "location_init_bias": location_init_bias,
+                "format_version": format_version,
+            }
+        )
         self.encoder = MFIEncoder(
             image_embed_dim=image_embed_dim,
             cross_attention_dim=cross_attention_dim,
@@ -160,6 +243,12 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
     def check_compatible(self, unet: nn.Module, image_encoder: nn.Module | None = None) -> None:
         """Raise a one-sentence ``ValueError`` if this adapter does not fit ``unet`` or ``image_encoder``."""
         expected, actual = self.layout, cross_attention_layout(unet)
+        if expected.describe() == actual.describe() and expected.names != actual.names:
+            name, other = next((e, a) for e, a in zip(expected.names, actual.names) if e != a)
+            raise ValueError(
+                f"This CustomContrast adapter was built for a {expected.describe()} UNet with other layer names "
+                f"('{name}' where the pipeline's UNet has '{other}'): load an adapter trained for this base model."
+            )
         if expected.names != actual.names or expected.cross_attention_dim != actual.cross_attention_dim:
             raise ValueError(
                 f"This CustomContrast adapter was built for a {expected.describe()} UNet, but the pipeline's UNet "

@@ -31,9 +31,10 @@ from .formats import (
 )
 from .sampler import UniqueSubjectBatchSampler
 from .synthetic import SyntheticSubject, make_subject, render_frame, write_synthetic_dataset
-from .triplets import SubjectTripletDataset, TripletDraw, collate_triplets
+from .triplets import BadDataError, SubjectTripletDataset, TripletDraw, UnusableFrameError, collate_triplets
 
 __all__ = [
+    "BadDataError",
     "DEFAULT_CAPTION_TEMPLATE",
     "IMAGE_EXTENSIONS",
     "Frame",
@@ -44,6 +45,7 @@ __all__ = [
     "SyntheticSubject",
     "TripletDraw",
     "UniqueSubjectBatchSampler",
+    "UnusableFrameError",
     "collate_triplets",
     "load_hf_subjects",
     "load_subject_folder",

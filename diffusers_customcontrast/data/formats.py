@@ -148,6 +148,8 @@ def read_image(source: ImageSource, what: str = "image") -> Image.Image:
     if callable(source):
         try:
             image = source()
+            if isinstance(image, Image.Image):
+                image.load()  # decode now: a lazily opened, corrupt image must fail here, with the loader's name
         except Exception as err:
             raise ImageReadError(f"cannot read {what} from {source!r}: {err}") from err
         if not isinstance(image, Image.Image):

@@ -12,6 +12,8 @@ Paper figure 2b (right) and DESIGN.md section 4: for a subject the sample holds
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .formats import Frame, SubjectIndex, load_subjects
+from .formats import Frame, ImageReadError, ImageSource, SubjectIndex, load_subjects
 from .transforms import (
     binarize_mask,
     image_to_tensor,
@@ -29,6 +31,21 @@ from .transforms import (
     resize_center_crop,
     subject_crop,
 )
+
+MIN_IMAGE_SIDE = 8
+"""Frames whose shorter side is below this many pixels are unusable (upscaled to the resolution, they hold no detail)."""
+
+
+class UnusableFrameError(ValueError):
+    """A frame was read but cannot be trained on: an empty mask, or a tiny image. The message names the file."""
+
+
+class BadDataError(RuntimeError):
+    """The training data gives no usable sample: every sample tried in a row was unreadable or unusable."""
+
+
+SKIPPED_ERRORS = (ImageReadError, UnusableFrameError)
+"""Errors of one sample that :meth:`SubjectTripletDataset.__getitems__` skips (any other error is raised)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,15 @@ class SubjectTripletDataset(Dataset):
             of the box's longer side.
         positive_scale: Range of the positive's size as a fraction of ``reference_size``.
         positive_flip_prob: Probability of mirroring the positive.
+        min_image_side: Frames with a shorter side below this many pixels are unusable.
+        max_consecutive_bad_samples: :meth:`__getitems__` gives up (:class:`BadDataError`) after this many unusable
+            samples in a row for one batch slot.
+
+    Unusable samples: an item whose frames cannot be read (:class:`~diffusers_customcontrast.data.ImageReadError`:
+    corrupt or truncated file, missing file) or used (:class:`UnusableFrameError`: an all-zero mask, an image under
+    ``min_image_side`` pixels) raises from ``dataset[index]``. A DataLoader fetches whole batches through
+    :meth:`__getitems__`, which replaces such a sample by one of another subject (see there), so that one bad file
+    does not stop a training run.
 
     Determinism: item ``index`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, e, index])``, so it
     does not depend on the order of access, the worker that loads it, or a resume. Call :meth:`set_epoch` at the
@@ -73,7 +99,9 @@ class SubjectTripletDataset(Dataset):
     background), ``target`` ``[3, resolution, resolution]`` float in [-1, 1], ``target_mask``
     ``[1, resolution, resolution]`` float in {0, 1} (zeros when the target frame has no mask), ``has_mask`` bool
     tensor, ``frame_indices`` long tensor (reference, positive, target positions in the subject's frames),
-    ``caption`` (the target's), ``class_name``, ``subject_id`` (str) and ``subject_index`` (int).
+    ``caption`` (the target's), ``class_name``, ``subject_id`` (str), ``subject_index`` (int) and ``skipped`` (the
+    errors of the unusable samples this item replaces, as strings naming the files; empty except from
+    :meth:`__getitems__`).
     """
 
     def __init__(
@@ -86,12 +114,16 @@ class SubjectTripletDataset(Dataset):
         reference_margin: float = 0.1,
         positive_scale: tuple[float, float] = (0.5, 1.0),
         positive_flip_prob: float = 0.5,
+        min_image_side: int = MIN_IMAGE_SIDE,
+        max_consecutive_bad_samples: int = 20,
     ):
         if resolution <= 0 or reference_size <= 0:
             raise ValueError(f"expected positive sizes, got resolution={resolution}, reference_size={reference_size}")
         low, high = positive_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"expected 0 < positive_scale[0] <= positive_scale[1] <= 1, got {positive_scale}")
+        if max_consecutive_bad_samples < 1:
+            raise ValueError(f"expected max_consecutive_bad_samples >= 1, got {max_consecutive_bad_samples}")
         self.index: SubjectIndex = load_subjects(source)
         self.resolution = resolution
         self.reference_size = reference_size
@@ -100,6 +132,8 @@ class SubjectTripletDataset(Dataset):
         self.reference_margin = reference_margin
         self.positive_scale = (float(low), float(high))
         self.positive_flip_prob = positive_flip_prob
+        self.min_image_side = min_image_side
+        self.max_consecutive_bad_samples = max_consecutive_bad_samples
         # A shared-memory scalar rather than an int: DataLoader workers (persistent ones included) hold a copy
         # of the dataset, and only shared memory lets set_epoch in the main process reach them.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -148,7 +182,9 @@ class SubjectTripletDataset(Dataset):
         subject_index = index % len(self)
         subject_id = self.index.subject_ids[subject_index]
         frames = self.index[subject_id]
-        decoded = {k: _decode(frames[k]) for k in {draw.reference, draw.positive, draw.target}}
+        # Sorted, so that the first unusable frame of a draw (the one an error names) does not depend on set order.
+        positions = sorted({draw.reference, draw.positive, draw.target})
+        decoded = {k: _decode(frames[k], self.min_image_side) for k in positions}
 
         reference_view = subject_crop(*decoded[draw.reference], margin=self.reference_margin)
         positive_view = subject_crop(*decoded[draw.positive], margin=self.reference_margin)
@@ -169,7 +205,55 @@ class SubjectTripletDataset(Dataset):
             "class_name": target_frame.class_name,
             "subject_id": subject_id,
             "subject_index": subject_index,
+            "skipped": [],
         }
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The items of one batch (what a DataLoader with a batch sampler fetches), unusable samples replaced.
+
+        An item that raises one of :data:`SKIPPED_ERRORS` is replaced by the same draw (``index // len(self)``) of
+        another subject, which is not in the batch yet (the batch stays subject-unique), taken in an order drawn
+        from ``(seed, epoch, index)``. The replacements thus depend on the batch only, never on what was read
+        before, so a resumed run replaces exactly as an uninterrupted one. The replacement's ``skipped`` lists the
+        errors of the samples it replaces.
+
+        Raises:
+            BadDataError: if ``max_consecutive_bad_samples`` samples in a row (or every subject left) are unusable
+                for one slot of the batch.
+        """
+        taken = {index % len(self) for index in indices}
+        return [self._usable_item(index, taken) for index in indices]
+
+    def _usable_item(self, index: int, taken: set[int]) -> dict[str, Any]:
+        num_subjects = len(self)
+        skipped: list[str] = []
+        for candidate in self._candidates(index, taken):
+            try:
+                item = self[candidate]
+            except SKIPPED_ERRORS as error:
+                skipped.append(f"{error} (subject '{self.index.subject_ids[candidate % num_subjects]}')")
+                if len(skipped) >= self.max_consecutive_bad_samples:
+                    break
+                continue
+            taken.add(item["subject_index"])
+            item["skipped"] = skipped
+            return item
+        raise BadDataError(
+            f"No usable training sample: {len(skipped)} samples in a row could not be used "
+            f"(of {num_subjects} subjects), the last: {skipped[-1]}. Check the training data (every skipped file is "
+            "logged) or raise max_consecutive_bad_samples."
+        )
+
+    def _candidates(self, index: int, taken: set[int]) -> Iterator[int]:
+        """``index``, then the same draw of the subjects not in ``taken``, in an order drawn from (seed, epoch, index)."""
+        yield index
+        num_subjects = len(self)
+        draw = index // num_subjects
+        # Drawn only once a sample failed: a permutation of a large subject set is not free.
+        order = np.random.default_rng([self.seed, self.epoch, index, 1]).permutation(num_subjects)
+        for subject in order.tolist():
+            if subject != index % num_subjects and subject not in taken:
+                yield subject + draw * num_subjects
 
     def _target_mask(self, mask: np.ndarray | None) -> np.ndarray:
         if mask is None:
@@ -187,11 +271,32 @@ class SubjectTripletDataset(Dataset):
         )
 
 
-def _decode(frame: Frame) -> tuple[Image.Image, np.ndarray | None]:
-    """RGB image and boolean mask (at the image's size) of a frame."""
+def _decode(frame: Frame, min_side: int = MIN_IMAGE_SIDE) -> tuple[Image.Image, np.ndarray | None]:
+    """RGB image and boolean mask (at the image's size) of a frame.
+
+    Raises:
+        ImageReadError: the image or mask cannot be read.
+        UnusableFrameError: the image is smaller than ``min_side`` on a side, or the mask is empty.
+    """
     image = frame.load_image()
+    if min(image.size) < min_side:
+        width, height = image.size
+        raise UnusableFrameError(
+            f"image {_describe(frame.image)} is {width} x {height} pixels, less than {min_side} on a side"
+        )
     mask = frame.load_mask()
-    return image, (binarize_mask(mask, image.size) if mask is not None else None)
+    if mask is None:
+        return image, None
+    binary = binarize_mask(mask, image.size)
+    if not binary.any():
+        raise UnusableFrameError(f"mask {_describe(frame.mask)} of image {_describe(frame.image)} is empty")
+    return image, binary
+
+
+def _describe(source: ImageSource | None) -> str:
+    if isinstance(source, Image.Image):
+        return "(an in-memory image)"
+    return f"'{source}'" if isinstance(source, (str, os.PathLike)) else f"({source!r})"
 
 
 def collate_triplets(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -114,6 +114,11 @@ class TrainingConfig:
         False, "Ablation: reconstruct the reference frame itself (IP-Adapter regime) instead of another frame."
     )
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0: load in the main process).")
+    max_consecutive_bad_samples: int = _f(
+        20,
+        "An unusable sample (unreadable file, empty mask, tiny image) is skipped, logged and replaced by another "
+        "subject's; this many in a row for one batch slot stop the run with an error (the data is broken).",
+    )
 
     # ------------------------------------------------------------------------------------------------ objective
     lambda_cscl: float = _f(0.1, "Weight of L_CSCL, the visual/textual CLS contrast (our choice).")
@@ -151,6 +156,11 @@ class TrainingConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    max_consecutive_nonfinite: int = _f(
+        5,
+        "A step whose loss is NaN or infinite is skipped (no update); this many in a row stop the run with an error "
+        "(the last checkpoint holds the last good weights).",
+    )
     mixed_precision: str | None = _f(
         None, "'no', 'fp16' or 'bf16' (frozen modules in that dtype, trainables fp32); default: accelerate's config."
     )
@@ -249,7 +259,15 @@ class TrainingConfig:
             problems.append("set pretrained_model_name_or_path (a hub id or a local pipeline folder)")
         if not self.train_data:
             problems.append("set train_data (a subject folder, a .jsonl manifest or a dataset)")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "lora_rank"):
+        for name in (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "resolution",
+            "lora_rank",
+            "max_consecutive_bad_samples",
+            "max_consecutive_nonfinite",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpointing_steps", "validation_steps", "checkpoints_total_limit"):

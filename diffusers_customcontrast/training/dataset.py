@@ -72,6 +72,7 @@ def build_training_data(config: TrainingConfig, index: SubjectIndex, reference_s
         reference_size=reference_size,
         self_reconstruction=config.self_reconstruction,
         seed=config.seed,
+        max_consecutive_bad_samples=config.max_consecutive_bad_samples,
     )
     sampler = UniqueSubjectBatchSampler(
         dataset,

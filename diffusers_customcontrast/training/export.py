@@ -65,6 +65,8 @@ def export_adapter(
     final_losses: dict[str, float],
     num_subjects: int,
     effective_batch_size: int,
+    skipped_samples: int = 0,
+    nonfinite_steps: int = 0,
 ) -> Path:
     """Write the adapter folder (adapter, image encoder copy, LoRA, model card) into ``output_dir``."""
     output_dir = Path(output_dir)
@@ -81,6 +83,8 @@ def export_adapter(
         num_subjects,
         effective_batch_size,
         base_family=objective.adapter.config.base_family,
+        skipped_samples=skipped_samples,
+        nonfinite_steps=nonfinite_steps,
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
     logger.info("Exported the CustomContrast adapter to %s.", output_dir)
@@ -105,6 +109,8 @@ def model_card(
     num_subjects: int,
     effective_batch_size: int,
     base_family: str = "custom",
+    skipped_samples: int = 0,
+    nonfinite_steps: int = 0,
 ) -> str:
     """A Hub model card (README.md with YAML front matter) describing the run and how to load the adapter."""
     family = {"sd15": "SD1.5", "sdxl": "SDXL"}.get(base_family, "a custom UNet")
@@ -166,6 +172,8 @@ pipe.set_customcontrast_scale(0.8)  # less subject, more prompt
 | image encoder | `{base.image_encoder_source or "base model's image_encoder"}` |
 | data | `{config.train_data}` ({num_subjects} subjects) |
 | steps | {global_step} |
+| unusable samples skipped (replaced by other subjects') | {skipped_samples} |
+| steps skipped for a non-finite loss | {nonfinite_steps} |
 | batch size (total, per optimizer step) | {effective_batch_size} |
 | learning rate | {config.learning_rate} ({config.lr_scheduler}) |
 | resolution | {config.resolution} |

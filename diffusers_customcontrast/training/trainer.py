@@ -7,6 +7,10 @@ precision), clips and steps. Checkpoints, validation images and the final export
 Resuming continues the same run: the data order comes from the dataset's and sampler's ``set_epoch`` and
 ``accelerator.skip_first_batches``; every random draw of a step from a generator seeded by
 ``(seed, global step, micro-step, process)``; weights, optimizer, scheduler and position from the checkpoint.
+
+Faults (:mod:`.faults`, docs/reliability.md): an unusable sample is replaced by the dataset and reported here; a step
+with a non-finite loss makes no update (``max_consecutive_nonfinite`` in a row stop the run); SIGTERM makes the run
+save a checkpoint after the current step and return; checkpoints are written atomically (:mod:`.checkpoints`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -32,15 +37,18 @@ from tqdm.auto import tqdm
 from .batch import BatchEncoder, ConditioningDropout, step_generator
 from .checkpoints import (
     TrainingProgress,
+    checkpoint_step,
     list_checkpoints,
-    prune_checkpoints,
     register_checkpoint_hooks,
+    remove_partial_checkpoints,
     resolve_resume_checkpoint,
+    save_checkpoint,
 )
 from .components import add_unet_lora, build_adapter, load_base_model, weight_dtype_for
 from .config import ConfigError, TrainingConfig
 from .dataset import build_training_data, load_training_subjects
 from .export import LOSS_HISTORY_NAME, LossHistory, export_adapter, push_folder_to_hub
+from .faults import NonFiniteLossError, StepFaults, StopRequest, agree_on_step
 from .objective import CustomContrastObjective, ObjectiveSettings
 from .validation import reference_to_image, run_validation
 
@@ -48,7 +56,7 @@ logger = get_logger(__name__)
 
 __all__ = ["TrainingResult", "train"]
 
-_NON_LOSS_KEYS = ("step", "lr", "seconds", "epoch")
+_NON_LOSS_KEYS = ("step", "lr", "seconds", "epoch", "skipped_samples", "nonfinite")
 
 
 @dataclass
@@ -56,8 +64,14 @@ class TrainingResult:
     """What :func:`train` returns: where the adapter is and how the losses went.
 
     ``loss_history`` holds one entry per optimizer step of the whole run (resumed runs included), each with
-    ``step``, ``epoch``, ``lr``, ``seconds`` (wall time of the step) and the loss terms averaged over accumulation
-    micro-batches and processes (``diffusion``, ``cscl``, ``macl``, ``location``, ``total``, ``logit_scale``).
+    ``step``, ``epoch``, ``lr``, ``seconds`` (wall time of the step), ``skipped_samples`` (unusable samples replaced
+    in the step's batches), ``nonfinite`` (1 if the step was skipped for a NaN / inf loss) and the loss terms
+    averaged over accumulation micro-batches and processes (``diffusion``, ``cscl``, ``macl``, ``location``,
+    ``total``, ``logit_scale``).
+
+    ``skipped_samples`` and ``nonfinite_steps`` count over the whole run (resumed runs included) and all processes.
+    ``interrupted`` is True when SIGTERM stopped the run: its state is in the last checkpoint, and the adapter was
+    not exported (resume with ``resume_from_checkpoint="latest"`` to finish).
     """
 
     output_dir: Path
@@ -65,6 +79,9 @@ class TrainingResult:
     loss_history: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     validation_images: list[Path] = field(default_factory=list)
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0
+    interrupted: bool = False
 
     @property
     def final_losses(self) -> dict[str, float]:
@@ -123,9 +140,9 @@ def train(config: TrainingConfig) -> TrainingResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)],
         **({"cpu": True} if _needs_cpu_flag() else {}),
     )
-    with _deterministic(config.deterministic):
+    with _deterministic(config.deterministic), StopRequest() as stop:
         try:
-            return _Run(config, accelerator).run()
+            return _Run(config, accelerator, stop).run()
         finally:
             accelerator.end_training()
             # accelerate keeps its settings in process-wide singletons: forget this run's (mixed precision, gradient
@@ -138,9 +155,10 @@ def train(config: TrainingConfig) -> TrainingResult:
 class _Run:
     """One training run: setup, loop, checkpoints, validation and export (split in methods for readability)."""
 
-    def __init__(self, config: TrainingConfig, accelerator: Accelerator) -> None:
+    def __init__(self, config: TrainingConfig, accelerator: Accelerator, stop: StopRequest | None = None) -> None:
         self.config = config
         self.accelerator = accelerator
+        self.stop = stop or StopRequest()
         self.output_dir = Path(config.output_dir)
         self.validation_images: list[Path] = []
 
@@ -157,6 +175,9 @@ class _Run:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.to_yaml(self.output_dir / "training_config.yaml")
+            remove_partial_checkpoints(self.output_dir)
+        # Names this run's temporary checkpoint folders; the same on every process.
+        self.save_token = broadcast_object_list([uuid.uuid4().hex[:8]])[0]
 
         base = load_base_model(config)
         weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -229,7 +250,7 @@ class _Run:
         dataset = self.data.dataset
         epoch = dataset.epoch
         dataset.set_epoch(0)  # the first subject's reference of epoch 0, whatever epoch the run starts at
-        item = dataset[0]
+        item = dataset.__getitems__([0])[0]  # another subject's if the first one's sample is unusable
         dataset.set_epoch(epoch)
         return reference_to_image(item["reference"]), config.validation_class_name or item["class_name"]
 
@@ -281,8 +302,10 @@ class _Run:
         )
         sums: dict[str, torch.Tensor] = {}
         micro_count = 0  # micro-batches of the current optimizer step
+        step_skipped = 0  # unusable samples replaced in the current optimizer step's batches (this process)
+        step_nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         last_time = time.perf_counter()
-        last_validated = None
+        last_validated = last_saved = None
         for epoch in range(first_epoch, num_epochs):
             if global_step >= config.max_train_steps:
                 break
@@ -294,17 +317,24 @@ class _Run:
             if epoch == first_epoch and batches_to_skip:
                 loader = accelerator.skip_first_batches(self.loader, batches_to_skip)
             for batch in loader:
+                step_skipped += self._report_skipped(batch.pop("skipped", None), global_step + 1)
                 generator = step_generator(
                     config.seed, global_step, micro_count, accelerator.process_index, accelerator.device
                 )
                 inputs = self.encoder(batch, generator)
                 with accelerator.accumulate(self.objective):
                     output = self.objective(inputs)
-                    accelerator.backward(output.loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
+                    step_nonfinite = step_nonfinite | ~torch.isfinite(output.loss.detach())
+                    accelerator.backward(output.loss)  # on every process even when NaN: DDP reduces in backward
+                    update = True
+                    if accelerator.sync_gradients:
+                        faults = agree_on_step(accelerator, self.stop.requested, step_nonfinite, step_skipped)
+                        update = not faults.nonfinite
+                        if update and config.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                    if update:  # between accumulation boundaries both are no-ops (accelerate)
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 for name, value in output.terms.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -313,11 +343,13 @@ class _Run:
                     continue
 
                 global_step += 1
-                self.progress.global_step = global_step
+                self._count_faults(global_step, faults)
+                step_skipped, step_nonfinite = 0, torch.zeros_like(step_nonfinite)
                 logs = self._reduce(sums, micro_count)
                 sums, micro_count = {}, 0
                 now = time.perf_counter()
                 logs.update(lr=self.lr_scheduler.get_last_lr()[0], seconds=now - last_time, epoch=epoch)
+                logs.update(skipped_samples=faults.skipped_samples, nonfinite=int(faults.nonfinite))
                 last_time = now
                 self.history.append({"step": global_step, **logs})
                 accelerator.log(logs, step=global_step)
@@ -326,8 +358,15 @@ class _Run:
                     {k: f"{logs[k]:.4g}" for k in ("total", "diffusion", "cscl", "macl", "location") if k in logs}
                 )
 
+                if self.progress.consecutive_nonfinite >= config.max_consecutive_nonfinite:
+                    progress_bar.close()
+                    self._stop_nonfinite(global_step)
                 if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                     self._save_checkpoint(global_step)
+                    last_saved = global_step
+                if faults.stop:
+                    progress_bar.close()
+                    return self._stop_for_signal(global_step, saved=last_saved == global_step)
                 if config.validation_steps and global_step % config.validation_steps == 0:
                     self._validate(global_step, validating)
                     last_validated = global_step
@@ -349,13 +388,59 @@ class _Run:
         stacked = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(names, stacked.tolist()))
 
+    def _report_skipped(self, skipped: list[list[str]] | None, step: int) -> int:
+        """Log the unusable samples the dataset replaced in a batch (every process its own); returns their number."""
+        messages = [message for item in skipped or [] for message in item]
+        for message in messages:
+            logger.warning("Step %d: skipped an unusable training sample: %s", step, message, main_process_only=False)
+        return len(messages)
+
+    def _count_faults(self, global_step: int, faults: StepFaults) -> None:
+        progress = self.progress
+        progress.global_step = global_step
+        progress.skipped_samples += faults.skipped_samples
+        if not faults.nonfinite:
+            progress.consecutive_nonfinite = 0
+            return
+        progress.nonfinite_steps += 1
+        progress.consecutive_nonfinite += 1
+        logger.warning(
+            "Step %d: the loss is not finite (NaN or infinite): the step is skipped, with no update (%d in a row, "
+            "the run stops at %d).",
+            global_step,
+            progress.consecutive_nonfinite,
+            self.config.max_consecutive_nonfinite,
+        )
+
+    def _stop_nonfinite(self, step: int) -> None:
+        count = self.progress.consecutive_nonfinite
+        checkpoints = list_checkpoints(self.output_dir, complete_only=True)
+        latest = f"{checkpoints[-1]} (step {checkpoint_step(checkpoints[-1])})" if checkpoints else "none was saved"
+        raise NonFiniteLossError(
+            f"The loss was NaN or infinite at {count} optimizer steps in a row (steps {step - count + 1} to {step}; "
+            f"max_consecutive_nonfinite={self.config.max_consecutive_nonfinite}): stopping. Those steps made no "
+            f"update, so the weights are the last good ones; latest checkpoint: {latest}. Lower the learning rate, "
+            "keep max_grad_norm on, or check the data and mixed precision, then resume with "
+            "--resume_from_checkpoint latest."
+        )
+
+    def _stop_for_signal(self, step: int, saved: bool) -> TrainingResult:
+        """SIGTERM (on any process): save the state of this step (unless just saved) and return, without export."""
+        if not saved:
+            self._save_checkpoint(step)
+        logger.warning(
+            "Stopped by %s after step %d: the training state is in %s; rerun with --resume_from_checkpoint latest "
+            "to continue.",
+            self.stop.received or "a signal on another process",
+            step,
+            self.output_dir / f"checkpoint-{step}",
+        )
+        return self._result(step, interrupted=True)
+
     def _save_checkpoint(self, step: int) -> None:
-        accelerator = self.accelerator
-        if accelerator.is_main_process:
-            prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
-        path = self.output_dir / f"checkpoint-{step}"
-        accelerator.save_state(str(path))
+        path = save_checkpoint(
+            self.accelerator, self.output_dir, step, self.save_token, self.config.checkpoints_total_limit
+        )
         logger.info("Saved the training state to %s.", path)
 
     def _validate(self, step: int, on_this_process: bool) -> None:
@@ -381,16 +466,31 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------ end
 
+    def _result(self, global_step: int, interrupted: bool = False) -> TrainingResult:
+        progress = self.progress
+        log = logger.warning if progress.skipped_samples or progress.nonfinite_steps else logger.info
+        log(
+            "The run skipped %d unusable samples (replaced by other subjects' samples; the warnings above name the "
+            "files) and %d steps with a non-finite loss.",
+            progress.skipped_samples,
+            progress.nonfinite_steps,
+        )
+        return TrainingResult(
+            output_dir=self.output_dir,
+            global_step=global_step,
+            loss_history=list(self.history.entries),
+            checkpoints=list_checkpoints(self.output_dir),
+            validation_images=list(self.validation_images),
+            skipped_samples=progress.skipped_samples,
+            nonfinite_steps=progress.nonfinite_steps,
+            interrupted=interrupted,
+        )
+
     def _finish(self, global_step: int) -> TrainingResult:
         config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()
         objective = accelerator.unwrap_model(self.objective)
-        result = TrainingResult(
-            output_dir=self.output_dir,
-            global_step=global_step,
-            loss_history=list(self.history.entries),
-            validation_images=list(self.validation_images),
-        )
+        result = self._result(global_step)
         if accelerator.is_main_process:
             export_adapter(
                 objective,
@@ -401,6 +501,8 @@ class _Run:
                 result.final_losses,
                 self.num_subjects,
                 self.effective_batch_size,
+                skipped_samples=result.skipped_samples,
+                nonfinite_steps=result.nonfinite_steps,
             )
             if config.push_to_hub:
                 push_folder_to_hub(self.output_dir, config.hub_model_id, global_step)

@@ -1,0 +1,591 @@
+"""Train the synthetic base model on CPU: VAE, then image encoder, then text encoder + UNet.
+
+Reproduces the shipped ``diffusers_customcontrast/assets/synthetic-base`` (see ``docs/synthetic_world.md`` for the
+exact command, its wall time and losses)::
+
+    python -m diffusers_customcontrast.world.train_base --output_dir runs/synthetic-base
+
+Stages (each one seeded, so a run with the same arguments and thread count gives the same weights):
+
+1. **VAE** (``AutoencoderKL``, 64 px <-> 16 x 16 x 4): L1 reconstruction + a small KL term on the world's scenes.
+   Its ``scaling_factor`` is then set to 1 / std of the training latents, as SD does.
+2. **Image encoder** (a tiny ``CLIPVisionModelWithProjection``): subjects segmented on white (the references the
+   adapter sees), InfoNCE between two views of the same subject plus classification of the subject's shape,
+   texture and colours, so that its features carry subject identity. Sketch frames are left out (no colour).
+3. **Text encoder + UNet**, jointly, from scratch: v-prediction (see ``base_model.SCHEDULE`` for why not epsilon)
+   on the cached latents of full scenes with their captions (10 % replaced by the empty prompt for
+   classifier-free guidance), min-SNR-style weighting, EMA.
+
+Only the world's ``train`` subjects are used: the held-out subjects stay unseen by every component.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from ..data.synthetic import COLORS, SHAPES, TEXTURES
+from ..data.transforms import binarize_mask, resize_center_crop, subject_crop
+from .base_model import (
+    IMAGE_ENCODER_SIZE,
+    PREDICTION_TYPE,
+    assemble_pipeline,
+    build_image_encoder,
+    build_text_encoder,
+    build_tokenizer,
+    build_train_scheduler,
+    build_unet,
+    build_vae,
+)
+from .dataset import WorldSpec
+
+STAGES: tuple[str, ...] = ("vae", "image_encoder", "unet")
+
+
+@dataclass
+class TrainBaseConfig:
+    """Arguments of :func:`train_base` (the command-line flags have the same names).
+
+    ``stages`` not listed are loaded from ``init_from`` (default ``output_dir``), e.g. to retrain the UNet alone.
+    Results depend on ``threads`` too (float reductions split differently), so a reproduction must use the same.
+    """
+
+    output_dir: str
+    seed: int = 0
+    threads: int = 1
+    stages: Sequence[str] = STAGES
+    init_from: str | None = None
+    num_train_subjects: int = 300
+    num_heldout_subjects: int = 50
+    frames_per_subject: int = 16
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    image_encoder_steps: int = 600
+    image_encoder_batch_size: int = 64
+    image_encoder_lr: float = 1e-3
+    unet_steps: int = 1200
+    unet_batch_size: int = 32
+    unet_lr: float = 1e-3
+    cfg_dropout: float = 0.1
+    prediction_type: str = PREDICTION_TYPE
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    log_every: int = 100
+
+
+@dataclass
+class TrainingRecord:
+    """What a run measured: loss curves and metrics per stage, and wall / CPU times (``train_log.json``)."""
+
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    metrics: dict[str, object] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def final_losses(self, window: int) -> dict[str, float]:
+        """Mean of the last ``window`` values of every curve, keyed ``"<stage>/<loss>"``."""
+        return {
+            f"{stage}/{name}": float(np.mean(values[-window:]))
+            for stage, curves in self.curves.items()
+            for name, values in curves.items()
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingFrames:
+    """The train split rendered in memory."""
+
+    images: torch.Tensor  # [N, 3, H, W] uint8
+    masks: list[np.ndarray]  # boolean [H, W]
+    captions: list[str]
+    subject_index: torch.Tensor  # [N] long, position of the frame's subject
+    is_sketch: torch.Tensor  # [N] bool
+    attributes: torch.Tensor  # [N, 4] long: shape, texture, colour, secondary colour (-1 when solid)
+
+    def pil_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
+
+
+def render_training_frames(spec: WorldSpec, split: str = "train") -> TrainingFrames:
+    """Render every frame of a split of ``spec`` (4,800 frames of 300 subjects x 16 take a few seconds)."""
+    images, masks, captions, subjects, sketch, attributes = [], [], [], [], [], []
+    positions: dict[str, int] = {}
+    for frame in spec.iter_frames(split):
+        positions.setdefault(frame.subject_id, len(positions))
+        images.append(np.asarray(frame.image))
+        masks.append(np.asarray(frame.mask) > 0)
+        captions.append(frame.caption)
+        subjects.append(positions[frame.subject_id])
+        sketch.append(frame.view.style == "sketch")
+        attributes.append(_attribute_labels(frame.subject))
+    return TrainingFrames(
+        images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+        masks=masks,
+        captions=captions,
+        subject_index=torch.tensor(subjects),
+        is_sketch=torch.tensor(sketch),
+        attributes=torch.tensor(attributes),
+    )
+
+
+def _attribute_labels(subject) -> list[int]:
+    secondary = -1 if subject.texture == "solid" else COLORS.index(subject.secondary_color)
+    return [SHAPES.index(subject.shape), TEXTURES.index(subject.texture), COLORS.index(subject.color), secondary]
+
+
+def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_vae(
+    frames: TrainingFrames, config: TrainBaseConfig, record: TrainingRecord, log: Callable[[str], None] = print
+) -> AutoencoderKL:
+    """Train the VAE (L1 + KL) and set its ``scaling_factor`` from the training latents."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    vae = build_vae().train()
+    with torch.no_grad():
+        # Start near-deterministic (posterior std ~0.05 instead of 1): the decoder then learns from clean latents at
+        # once, and the small KL term lets the std grow only where it costs nothing.
+        vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=min(50, config.vae_steps // 10))
+    losses = []
+    for step in range(config.vae_steps):
+        batch = _to_unit_range(frames.images[_batch_indices(len(frames.images), config.vae_batch_size, generator)])
+        if torch.rand((), generator=generator) < 0.5:  # mirrored scenes are scenes of the world too
+            batch = batch.flip(-1)
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample
+        l1 = (reconstruction - batch).abs().mean()
+        loss = l1 + config.kl_weight * posterior.kl().mean()
+        _step(optimizer, schedule, loss, vae.parameters())
+        losses.append(l1.item())
+        _maybe_log(log, "vae", step, config, {"l1": losses})
+    vae.eval().requires_grad_(False)
+    mean, std = encode_latents(vae, frames.images)
+    # Std of sampled latents: spread of the means plus the posterior noise (SD sets 1 / this as its scale).
+    latent_std = (mean.var() + std.pow(2).mean()).sqrt()
+    vae.register_to_config(scaling_factor=float(1.0 / latent_std))
+    record.curves["vae"] = {"l1": losses}
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (unscaled) of ``images`` (uint8) under ``vae``."""
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = vae.encode(_to_unit_range(images[start : start + batch_size])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 2: image encoder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_pixels(frames: TrainingFrames, processor: CLIPImageProcessor) -> torch.Tensor:
+    """Every frame's subject segmented on white and cropped (as the triplet dataset does), processed for the encoder."""
+    crops = [
+        resize_center_crop(subject_crop(frames.pil_image(n), binarize_mask(Image.fromarray(m), (m.shape[1], m.shape[0]))),
+                           IMAGE_ENCODER_SIZE)
+        for n, m in enumerate(frames.masks)
+    ]  # fmt: skip
+    return processor(images=crops, return_tensors="pt").pixel_values
+
+
+class _AttributeHeads(torch.nn.Module):
+    """Linear classifiers of shape, texture and colours on the pooled features (training only, not shipped)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(
+            [torch.nn.Linear(width, n) for n in (len(SHAPES), len(TEXTURES), len(COLORS), len(COLORS))]
+        )
+
+    def loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(F.cross_entropy(head(pooled), labels[:, k], ignore_index=-1) for k, head in enumerate(self.heads))
+
+
+def train_image_encoder(
+    frames: TrainingFrames,
+    config: TrainBaseConfig,
+    record: TrainingRecord,
+    log: Callable[[str], None] = print,
+    heldout: TrainingFrames | None = None,
+) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    """Train the image encoder on pairs of views of the same subject (InfoNCE + attribute classification).
+
+    With ``heldout`` frames, also logs and records :func:`identity_retrieval` on them, trained and untrained.
+    """
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    torch.manual_seed(config.seed + 1)
+    encoder, processor = build_image_encoder()
+    encoder.train()
+    heads = _AttributeHeads(encoder.config.hidden_size)
+    pixels = reference_pixels(frames, processor)
+    views_of = _views_by_subject(frames)
+    parameters = [*encoder.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.image_encoder_lr, weight_decay=0.01)
+    schedule = _cosine_schedule(
+        optimizer, config.image_encoder_steps, warmup=min(50, config.image_encoder_steps // 10)
+    )
+    losses = {"nce": [], "attributes": []}
+    for step in range(config.image_encoder_steps):
+        first, second = _view_pairs(views_of, config.image_encoder_batch_size, generator)
+        batch = _flip_some(torch.cat([pixels[first], pixels[second]]), generator)
+        output = encoder(pixel_values=batch)
+        embeds = F.normalize(output.image_embeds, dim=-1)
+        logits = embeds[: len(first)] @ embeds[len(first) :].T / 0.1
+        targets = torch.arange(len(first))
+        nce = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        attributes = heads.loss(encoder.vision_model.post_layernorm(output.last_hidden_state[:, 0]),
+                                frames.attributes[torch.cat([first, second])])  # fmt: skip
+        _step(optimizer, schedule, nce + attributes, parameters)
+        losses["nce"].append(nce.item())
+        losses["attributes"].append(attributes.item())
+        _maybe_log(log, "image_encoder", step, config, losses)
+    encoder.eval().requires_grad_(False)
+    record.curves["image_encoder"] = losses
+    if heldout is not None and len(heldout.captions):
+        with _seeded(config.seed + 1):
+            untrained = build_image_encoder()[0].eval()
+        scores = {"trained": identity_retrieval(encoder, processor, heldout),
+                  "untrained": identity_retrieval(untrained, processor, heldout)}  # fmt: skip
+        record.metrics["image_encoder_heldout_retrieval_top1"] = scores
+        log(f"[image_encoder] held-out identity retrieval (top-1): {scores}")
+    return encoder, processor
+
+
+@torch.no_grad()
+def identity_retrieval(
+    encoder: CLIPVisionModelWithProjection, processor: CLIPImageProcessor, frames: TrainingFrames
+) -> dict[str, float]:
+    """Top-1 accuracy of finding a subject's frame 0 (the gallery) from each of its other colour frames.
+
+    Measured on the image embeddings and on the mean of the penultimate hidden states (what the adapter reads),
+    by cosine similarity. Chance is one over the number of subjects.
+    """
+    pixels = reference_pixels(frames, processor)
+    output = encoder(pixel_values=pixels, output_hidden_states=True)
+    features = {"image_embeds": output.image_embeds, "penultimate": output.hidden_states[-2].mean(dim=1)}
+    first = torch.tensor([int(torch.nonzero(frames.subject_index == s)[0]) for s in frames.subject_index.unique()])
+    is_gallery = torch.zeros(len(pixels), dtype=torch.bool)
+    is_gallery[first] = True
+    queries = ~is_gallery & ~frames.is_sketch
+    scores = {}
+    for name, values in features.items():
+        values = F.normalize(values, dim=-1)
+        nearest = (values[queries] @ values[is_gallery].T).argmax(dim=1)
+        scores[name] = float(
+            (frames.subject_index[is_gallery][nearest] == frames.subject_index[queries]).float().mean()
+        )
+    return scores
+
+
+def _views_by_subject(frames: TrainingFrames) -> list[torch.Tensor]:
+    # Only subjects with two colour (non-sketch) views can make a positive pair.
+    usable = ~frames.is_sketch
+    views = [
+        torch.nonzero(usable & (frames.subject_index == s)).flatten()
+        for s in range(int(frames.subject_index.max()) + 1)
+    ]
+    return [v for v in views if len(v) >= 2]
+
+
+def _view_pairs(
+    views_of: list[torch.Tensor], batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    subjects = torch.randperm(len(views_of), generator=generator)[:batch_size]
+    first, second = [], []
+    for s in subjects.tolist():
+        pick = torch.randperm(len(views_of[s]), generator=generator)[:2]
+        first.append(views_of[s][pick[0]])
+        second.append(views_of[s][pick[1]])
+    return torch.stack(first), torch.stack(second)
+
+
+def _flip_some(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(batch), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 3: text encoder + UNet
+# --------------------------------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids exactly as ``StableDiffusionPipeline.encode_prompt`` makes them (padded to the max length)."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def train_unet(
+    frames: TrainingFrames,
+    vae: AutoencoderKL,
+    config: TrainBaseConfig,
+    record: TrainingRecord,
+    log: Callable[[str], None] = print,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
+    """Train the text encoder and the UNet together on the frames' latents and captions; return the EMA weights."""
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    torch.manual_seed(config.seed + 2)
+    tokenizer = build_tokenizer()
+    text_encoder, unet = build_text_encoder(tokenizer).train(), build_unet().train()
+    scheduler = build_train_scheduler(config.prediction_type)
+    mean, std = encode_latents(vae, frames.images)
+    scaling = vae.config.scaling_factor
+    caption_ids = tokenize(tokenizer, frames.captions)
+    empty_ids = tokenize(tokenizer, [""])
+    weights = loss_weights(scheduler.alphas_cumprod, config.prediction_type, config.min_snr_gamma)
+
+    modules = torch.nn.ModuleList([text_encoder, unet])
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr, weight_decay=0.01)
+    schedule = _cosine_schedule(optimizer, config.unet_steps, warmup=min(100, config.unet_steps // 10))
+    losses = []
+    for step in range(config.unet_steps):
+        index = _batch_indices(len(mean), config.unet_batch_size, generator)
+        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling
+        ids = caption_ids[index].clone()
+        ids[torch.rand(len(ids), generator=generator) < config.cfg_dropout] = empty_ids[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+        per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (weights[timesteps] * per_sample).mean()
+        _step(optimizer, schedule, loss, modules.parameters())
+        _ema_update(ema, modules, min(config.ema_decay, (1 + step) / (10 + step)))
+        losses.append(per_sample.mean().item())
+        _maybe_log(log, "unet", step, config, {"mse": losses})
+    record.curves["unet"] = {"mse": losses}
+    text_encoder, unet = (m.eval() for m in ema)
+    return unet, text_encoder, tokenizer
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weights that cap the weight of the easy, low-noise steps (min-SNR-gamma).
+
+    In x_0 terms an epsilon loss weighs a step by SNR and a v loss by SNR + 1. Epsilon gets min(SNR, gamma) (the
+    min-SNR paper); v gets min(SNR + 1, gamma + 1), which keeps the weight of the high-noise steps, where the prompt
+    decides the scene, at 1 instead of letting it vanish with SNR.
+    """
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    if prediction_type == "epsilon":
+        return torch.clamp(snr, max=gamma) / snr
+    if prediction_type == "v_prediction":
+        return torch.clamp((gamma + 1) / (snr + 1), max=1.0)
+    raise ValueError(f"expected prediction_type 'epsilon' or 'v_prediction', got {prediction_type!r}")
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for average, current in zip(ema.parameters(), model.parameters()):
+        average.lerp_(current, 1 - decay)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batch_indices(size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, size, (batch_size,), generator=generator)
+
+
+def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _step(optimizer, schedule, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter]) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(parameters), 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def _maybe_log(log, stage: str, step: int, config: TrainBaseConfig, losses: dict[str, list[float]]) -> None:
+    total = {"vae": config.vae_steps, "image_encoder": config.image_encoder_steps, "unet": config.unet_steps}[stage]
+    if (step + 1) % config.log_every == 0 or step + 1 == total:
+        recent = ", ".join(f"{name} {np.mean(values[-config.log_every :]):.4f}" for name, values in losses.items())
+        log(f"[{stage}] step {step + 1}/{total}: {recent}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_base(config: TrainBaseConfig, log: Callable[[str], None] = print) -> StableDiffusionPipeline:
+    """Train the stages of ``config.stages`` (the others are loaded from ``config.init_from``) and save the pipeline.
+
+    Writes ``output_dir`` as a ``save_pretrained`` pipeline folder plus ``train_log.json`` (configuration, wall and
+    CPU time, loss curves and metrics of each stage). Uses ``config.threads`` torch threads while it runs.
+    """
+    unknown = set(config.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"expected stages among {STAGES}, got {sorted(unknown)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _train_and_save(config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> StableDiffusionPipeline:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    record = TrainingRecord()
+    spec = WorldSpec(
+        config.num_train_subjects, config.num_heldout_subjects, config.frames_per_subject, seed=config.seed
+    )
+    frames = render_training_frames(spec)
+    log(f"rendered {len(frames.captions)} frames of {config.num_train_subjects} train subjects")
+    previous = _load_previous(config) if set(STAGES) - set(config.stages) else None
+
+    # CPU time is recorded next to wall time: on a shared machine the wall time says little about the cost.
+    def run(stage: str, train: Callable[[], object], reuse: Callable[[], object]) -> object:
+        if stage not in config.stages:
+            return reuse()
+        stage_start, stage_cpu = time.perf_counter(), time.process_time()
+        result = train()
+        record.times[stage] = time.perf_counter() - stage_start
+        record.times[f"{stage}_cpu"] = time.process_time() - stage_cpu
+        log(f"[{stage}] done in {record.times[stage]:.0f} s ({record.times[f'{stage}_cpu']:.0f} s of CPU time)")
+        return result
+
+    vae = run("vae", lambda: train_vae(frames, config, record, log), lambda: previous.vae)
+    image_encoder, processor = run(
+        "image_encoder",
+        lambda: train_image_encoder(frames, config, record, log, render_training_frames(spec, "heldout")),
+        lambda: (previous.image_encoder, previous.feature_extractor),
+    )
+    unet, text_encoder, tokenizer = run(
+        "unet",
+        lambda: train_unet(frames, vae, config, record, log),
+        lambda: (previous.unet, previous.text_encoder, previous.tokenizer),
+    )
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, image_encoder, processor, config.prediction_type)
+    output_dir = Path(config.output_dir)
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    _portable_model_index(output_dir)
+    record.times["total"] = time.perf_counter() - start
+    record.times["total_cpu"] = time.process_time() - cpu_start
+    _write_log(output_dir, config, record)
+    log(f"saved {output_dir} after {record.times['total']:.0f} s ({record.times['total_cpu']:.0f} s of CPU time)")
+    return pipe
+
+
+def _portable_model_index(output_dir: Path) -> None:
+    """Record the feature extractor as ``CLIPImageProcessor``, the class every transformers version has.
+
+    Without torchvision, transformers 5 builds its ``CLIPImageProcessorPil`` fallback, whose name
+    ``save_pretrained`` would write, and which older transformers versions cannot load.
+    """
+    path = output_dir / "model_index.json"
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("feature_extractor", [None, None])[1] == "CLIPImageProcessorPil":
+        index["feature_extractor"][1] = "CLIPImageProcessor"
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _load_previous(config: TrainBaseConfig) -> StableDiffusionPipeline:
+    from .base_model import load_synthetic_base
+
+    return load_synthetic_base(path=config.init_from or config.output_dir)
+
+
+def _write_log(output_dir: Path, config: TrainBaseConfig, record: TrainingRecord) -> None:
+    settings = {**asdict(config), "stages": list(config.stages)}
+    log = {
+        "config": settings,
+        "wall_and_cpu_time_s": record.times,
+        "final_losses": record.final_losses(config.log_every),
+        "metrics": record.metrics,
+        "curves": record.curves,
+    }
+    (output_dir / "train_log.json").write_text(json.dumps(log) + "\n", encoding="utf-8")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainBaseConfig:
+    defaults = TrainBaseConfig(output_dir="")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], prog="python -m diffusers_customcontrast.world.train_base"
+    )
+    parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
+    parser.add_argument("--steps", type=int, default=None, help="UNet steps (alias of --unet_steps)")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated stages to train; others are loaded"
+    )
+    for name, value in asdict(defaults).items():
+        if name in ("output_dir", "stages"):
+            continue
+        kind = type(value) if value is not None else str
+        parser.add_argument(f"--{name}", type=kind, default=value)
+    args = vars(parser.parse_args(argv))
+    steps = args.pop("steps")
+    if steps is not None:
+        args["unet_steps"] = steps
+    args["stages"] = tuple(s for s in args["stages"].split(",") if s)
+    return TrainBaseConfig(**args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    train_base(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

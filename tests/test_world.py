@@ -147,15 +147,6 @@ def test_nearest_background_reads_rendered_scenes():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from a second thread, and on a busy 2-core machine two threads ran ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_pipe():
     return load_synthetic_base()

@@ -38,7 +38,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..data.synthetic import COLORS, SHAPES, TEXTURES
+from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject
 from ..data.transforms import binarize_mask, resize_center_crop, subject_crop
 from .base_model import (
     IMAGE_ENCODER_SIZE,
@@ -148,7 +148,7 @@ def render_training_frames(spec: WorldSpec, split: str = "train") -> TrainingFra
     )
 
 
-def _attribute_labels(subject) -> list[int]:
+def _attribute_labels(subject: SyntheticSubject) -> list[int]:
     secondary = -1 if subject.texture == "solid" else COLORS.index(subject.secondary_color)
     return [SHAPES.index(subject.shape), TEXTURES.index(subject.texture), COLORS.index(subject.color), secondary]
 
@@ -167,8 +167,8 @@ def train_vae(
 ) -> AutoencoderKL:
     """Train the VAE (L1 + KL) and set its ``scaling_factor`` from the training latents."""
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    vae = build_vae().train()
+    with _seeded(config.seed):
+        vae = build_vae().train()
     with torch.no_grad():
         # Start near-deterministic (posterior std ~0.05 instead of 1): the decoder then learns from clean latents at
         # once, and the small KL term lets the std grow only where it costs nothing.
@@ -250,10 +250,10 @@ def train_image_encoder(
     With ``heldout`` frames, also logs and records :func:`identity_retrieval` on them, trained and untrained.
     """
     generator = torch.Generator().manual_seed(config.seed + 1)
-    torch.manual_seed(config.seed + 1)
-    encoder, processor = build_image_encoder()
+    with _seeded(config.seed + 1):
+        encoder, processor = build_image_encoder()
+        heads = _AttributeHeads(encoder.config.hidden_size)
     encoder.train()
-    heads = _AttributeHeads(encoder.config.hidden_size)
     pixels = reference_pixels(frames, processor)
     views_of = _views_by_subject(frames)
     parameters = [*encoder.parameters(), *heads.parameters()]
@@ -366,9 +366,9 @@ def train_unet(
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
     """Train the text encoder and the UNet together on the frames' latents and captions; return the EMA weights."""
     generator = torch.Generator().manual_seed(config.seed + 2)
-    torch.manual_seed(config.seed + 2)
     tokenizer = build_tokenizer()
-    text_encoder, unet = build_text_encoder(tokenizer).train(), build_unet().train()
+    with _seeded(config.seed + 2):
+        text_encoder, unet = build_text_encoder(tokenizer).train(), build_unet().train()
     scheduler = build_train_scheduler(config.prediction_type)
     mean, std = encode_latents(vae, frames.images)
     scaling = vae.config.scaling_factor
@@ -430,6 +430,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU RNG seeded (weight initialisation), leaving the caller's RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

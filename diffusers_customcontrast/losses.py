@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_LOSS_WEIGHT",
     "appearance_targets",
     "cscl_loss",
     "diffusion_loss",
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DEFAULT_LOSS_WEIGHT = 0.03
+"""Default weight of L_CSCL, L_MACL and L_loc beside L_diff (our choice, the paper gives none): the best of 0.03, 0.1
+and 0.3 on the synthetic world benchmark (``docs/world_benchmark.md``), where higher weights cost controllability."""
 # Cap of the CSCL inverse temperature, as in CLIP: keeps the logits (and the loss) from blowing up.
 MAX_LOGIT_SCALE = 100.0
 # Probability clamp of the location BCE; representable next to 1 in float32, unlike 1e-8.

@@ -1,7 +1,7 @@
 """Tiny random-weight diffusers pipelines, built in-process with no network access.
 
 They mirror the architecture of SD1.5 / SDXL (and their ControlNet variants) at a width of 32-64 channels,
-so that tests, examples and the offline demo run in well under a second per image on a CPU. Every builder
+so that tests and examples run in well under a second per image on a CPU. Every builder
 is deterministic given ``seed`` and leaves the global torch RNG untouched. The images they produce are
 noise: use them to check plumbing, never quality.
 

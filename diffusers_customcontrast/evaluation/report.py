@@ -96,6 +96,7 @@ def plot_scale_sweep(
     x_key: str = "clip_t",
     y_key: str = "e_dino",
     fallback_y_key: str = "dino",
+    title: str = "DreamBench adapter-scale sweep",
 ) -> Path:
     """Plot similarity against controllability, one line per method, each point labelled with its scale.
 
@@ -105,6 +106,7 @@ def plot_scale_sweep(
         x_key: Summary key on the x axis (controllability, CLIP-T).
         y_key: Summary key on the y axis (similarity, E-DI).
         fallback_y_key: Used instead of ``y_key`` when some point lacks it (no edit prompts evaluated).
+        title: Title of the plot.
 
     Returns:
         The path written.
@@ -124,10 +126,11 @@ def plot_scale_sweep(
         ys = [point[y_key] for point in curve]
         axes.plot(xs, ys, marker="o", label=method)
         for point, x, y in zip(curve, xs, ys):
-            axes.annotate(f"{point['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if point.get("scale") is not None:  # reference points (no adapter) have no scale
+                axes.annotate(f"{point['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel(f"{_axis_name(x_key)} (controllability)")
     axes.set_ylabel(f"{_axis_name(y_key)} (subject similarity)")
-    axes.set_title("DreamBench adapter-scale sweep")
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -139,6 +142,8 @@ def plot_scale_sweep(
 def _axis_name(key: str) -> str:
     names = {key: name for name, key in TABLE_COLUMNS}
     names.update({"clip_i": "CLIP-I", "dino": "DINO"})
+    # The synthetic world's metrics (diffusers_customcontrast.world.metrics).
+    names.update({"subject_similarity": "identity cosine", "controllability": "prompted scene present"})
     return names.get(key, key)
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from ..losses import DEFAULT_LOSS_WEIGHT
+
 __all__ = ["ConfigError", "TrainingConfig", "parse_args"]
 
 
@@ -49,7 +51,9 @@ LR_SCHEDULERS = (
 
 @dataclass
 class TrainingConfig:
-    """Settings of a CustomContrast training run (DESIGN.md section 4). Defaults marked "our choice" are untuned."""
+    """Settings of a CustomContrast training run (DESIGN.md section 4). Defaults marked "our choice" are untuned.
+
+    The loss weights were tuned on the synthetic world (``docs/world_benchmark.md``)."""
 
     # ------------------------------------------------------------------------------------------------ base model
     pretrained_model_name_or_path: str | None = _f(
@@ -121,9 +125,15 @@ class TrainingConfig:
     )
 
     # ------------------------------------------------------------------------------------------------ objective
-    lambda_cscl: float = _f(0.1, "Weight of L_CSCL, the visual/textual CLS contrast (our choice).")
-    lambda_macl: float = _f(0.1, "Weight of L_MACL, the per-layer S+ contrast (our choice).")
-    lambda_loc: float = _f(0.1, "Weight of L_loc, the location-map BCE (our choice).")
+    lambda_cscl: float = _f(
+        DEFAULT_LOSS_WEIGHT, "Weight of L_CSCL, the visual/textual CLS contrast (tuned on the synthetic world)."
+    )
+    lambda_macl: float = _f(
+        DEFAULT_LOSS_WEIGHT, "Weight of L_MACL, the per-layer S+ contrast (tuned on the synthetic world)."
+    )
+    lambda_loc: float = _f(
+        DEFAULT_LOSS_WEIGHT, "Weight of L_loc, the location-map BCE (tuned on the synthetic world)."
+    )
     use_cscl: bool = _f(True, "Compute L_CSCL (switch off for the ablation).")
     use_macl: bool = _f(True, "Compute L_MACL (switch off for the ablation).")
     use_location: bool = _f(True, "Compute L_loc (switch off for the ablation).")

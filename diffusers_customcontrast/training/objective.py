@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from .. import injection
 from ..loading import record_customcontrast
-from ..losses import cscl_loss, diffusion_loss, diffusion_target, location_loss, macl_loss, min_snr_weights
+from ..losses import (
+    DEFAULT_LOSS_WEIGHT,
+    cscl_loss,
+    diffusion_loss,
+    diffusion_target,
+    location_loss,
+    macl_loss,
+    min_snr_weights,
+)
 from ..modeling.adapter import CustomContrastAdapter
 from .batch import ObjectiveInputs
 
@@ -33,9 +41,9 @@ TERMS = ("diffusion", "cscl", "macl", "location")
 class ObjectiveSettings:
     """Loss weights, temperatures and ablation switches (the matching :class:`TrainingConfig` fields)."""
 
-    lambda_cscl: float = 0.1
-    lambda_macl: float = 0.1
-    lambda_loc: float = 0.1
+    lambda_cscl: float = DEFAULT_LOSS_WEIGHT
+    lambda_macl: float = DEFAULT_LOSS_WEIGHT
+    lambda_loc: float = DEFAULT_LOSS_WEIGHT
     use_cscl: bool = True
     use_macl: bool = True
     use_location: bool = True

@@ -56,6 +56,9 @@ logger = get_logger(__name__)
 
 __all__ = ["TrainingResult", "train"]
 
+TRAINING_CONFIG_NAME = "training_config.yaml"
+"""The run's configuration, written to ``output_dir`` at the start of a run."""
+
 _NON_LOSS_KEYS = ("step", "lr", "seconds", "epoch", "skipped_samples", "nonfinite")
 
 
@@ -174,7 +177,7 @@ class _Run:
         set_seed(config.seed)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.to_yaml(self.output_dir / "training_config.yaml")
+            config.to_yaml(self.output_dir / TRAINING_CONFIG_NAME)
             remove_partial_checkpoints(self.output_dir)
         # Names this run's temporary checkpoint folders; the same on every process.
         self.save_token = broadcast_object_list([uuid.uuid4().hex[:8]])[0]

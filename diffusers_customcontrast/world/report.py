@@ -1,0 +1,121 @@
+"""Figures and tables of world runs: image grids, loss curves, score tables (shared by the demo and the benchmark)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["image_grid", "plot_loss_curves", "scores_table", "smoothed"]
+
+SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("subject_similarity", "subject similarity"),
+    ("subject_similarity_se", "± s.e."),
+    ("identity_accuracy", "identity acc."),
+    ("controllability", "controllability"),
+    ("background_accuracy", "background acc."),
+    ("sketch_accuracy", "sketch acc."),
+    ("color_accuracy", "colour acc."),
+    ("texture_accuracy", "texture acc."),
+    ("shape_accuracy", "shape acc."),
+)
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+    cell: int = 96,
+    label_width: int = 150,
+    label_height: int = 28,
+) -> Image.Image:
+    """Paste images into a grid of ``cell`` px squares, with optional text labels left of rows and above columns."""
+    left = label_width if row_labels else 0
+    top = label_height if column_labels else 0
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (left + cell * columns, top + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for x, label in enumerate(column_labels or ()):
+        _draw_label(draw, label, (left + x * cell + 3, 2), cell - 6)
+    for y, row in enumerate(rows):
+        if row_labels:
+            _draw_label(draw, row_labels[y], (3, top + y * cell + cell // 2 - 6), label_width - 6)
+        for x, image in enumerate(row):
+            grid.paste(
+                image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (left + x * cell, top + y * cell)
+            )
+    return grid
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, text: str, origin: tuple[int, int], width: int) -> None:
+    """Draw ``text`` wrapped to ``width`` px (the default bitmap font: about 6 px a character)."""
+    per_line = max(1, width // 6)
+    lines = [text[i : i + per_line] for i in range(0, len(text), per_line)][:2]
+    draw.multiline_text(origin, "\n".join(lines), fill="black", spacing=1)
+
+
+def smoothed(values: Sequence[float], window: int = 25) -> np.ndarray:
+    """Trailing moving average (the first points average what there is so far)."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def plot_loss_curves(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike,
+    terms: Sequence[str] = ("diffusion", "cscl", "macl", "location"),
+    window: int = 25,
+) -> Path:
+    """One panel per loss term, one line per run (moving average over ``window`` steps); writes a PNG.
+
+    ``histories`` maps a run's name to its ``loss_history`` (:class:`~diffusers_customcontrast.training.
+    TrainingResult`, or ``loss_history.jsonl`` of an exported adapter). Terms a run did not compute are skipped.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    terms = [t for t in terms if any(t in entry for history in histories.values() for entry in history)]
+    figure = Figure(figsize=(3.2 * len(terms), 3.0))
+    FigureCanvasAgg(figure)
+    for i, term in enumerate(terms):
+        axes = figure.add_subplot(1, len(terms), i + 1)
+        for name, history in histories.items():
+            points = [(entry["step"], entry[term]) for entry in history if term in entry]
+            if points:
+                steps, values = zip(*points)
+                axes.plot(steps, smoothed(values, window), label=name, linewidth=1.2)
+        axes.set_title(term)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    if terms:
+        figure.axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def scores_table(rows: Sequence[tuple[str, Mapping[str, Any]]], extra: Sequence[tuple[str, str]] = ()) -> str:
+    """A markdown table: one row per (name, scores) pair, the :data:`SCORE_COLUMNS` then ``extra`` (key, title)."""
+    columns = (*SCORE_COLUMNS, *extra)
+    lines = [
+        "| run | " + " | ".join(title for _, title in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, scores in rows:
+        lines.append(f"| {name} | " + " | ".join(_cell(scores.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)

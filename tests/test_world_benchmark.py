@@ -1,0 +1,220 @@
+"""The world's metrics, the held-out evaluation protocol, the offline demo and the ablation benchmark (smoke runs)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_customcontrast import demo as demo_module
+from diffusers_customcontrast import load_customcontrast
+from diffusers_customcontrast.data.synthetic import BACKGROUNDS
+from diffusers_customcontrast.modeling import CustomContrastAdapter
+from diffusers_customcontrast.training.components import adapter_kwargs
+from diffusers_customcontrast.world import benchmark, load_synthetic_base, write_world
+from diffusers_customcontrast.world.evaluation import (
+    evaluate_on_world,
+    evaluation_prompts,
+    generate_world_images,
+    reference_image,
+    render_prompt,
+    score_world_images,
+)
+from diffusers_customcontrast.world.judge import load_world_judge, train_judge
+from diffusers_customcontrast.world.metrics import SubjectGallery, chroma, is_sketch, scene_obeyed
+from diffusers_customcontrast.world.recipe import ABLATIONS, world_training_config
+from diffusers_customcontrast.world.report import scores_table, smoothed
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    return write_world(
+        tmp_path_factory.mktemp("world"), num_train_subjects=8, num_heldout_subjects=10, frames_per_subject=6
+    )
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_world_judge()
+
+
+@pytest.fixture(scope="module")
+def gallery(world, judge):
+    return SubjectGallery.from_world(world, judge)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sketch_detector_separates_the_worlds_sketches_from_coloured_photos(world):
+    frames = [f for sid in world.splits["heldout"] for f in world.frames(sid)]
+    for frame in frames:
+        image = Image.open(frame.image_path)
+        if frame.view.style == "sketch":
+            assert is_sketch(image), frame.image_path
+        elif frame.view.background not in ("gray", "snow"):  # near-grey scenes are judged by background instead
+            assert not is_sketch(image), frame.image_path
+    assert chroma(np.full((4, 4, 3), 0.5)) == 0.0  # float images in [0, 1] too
+
+
+def test_real_renders_obey_every_evaluation_prompt(world):
+    prompts = evaluation_prompts(world, scenes_per_subject=5)
+    assert all(scene_obeyed(render_prompt(world, p), p.background, p.style) for p in prompts)
+    # A render of another scene does not.
+    photo = next(p for p in prompts if p.style == "photo")
+    other = next(b.name for b in BACKGROUNDS if b.name != photo.background)
+    assert not scene_obeyed(render_prompt(world, photo), other)
+    assert not scene_obeyed(render_prompt(world, photo), photo.background, "sketch")
+
+
+def test_judge_recognises_unseen_subjects_and_their_attributes_in_any_scene(world, judge, gallery):
+    prompts = evaluation_prompts(world, scenes_per_subject=4)
+    photos = [p for p in prompts if p.style == "photo"]
+    renders = [render_prompt(world, p) for p in photos]
+    scores = score_world_images(renders, photos, judge, gallery, world)
+    assert scores.identity_accuracy >= 0.8 and scores.controllability == 1.0
+    # Far above chance (colour 1/11, shape 1/10, texture 1/4) on subjects the judge never saw.
+    assert scores.color_accuracy >= 0.5 and scores.shape_accuracy >= 0.2 and scores.texture_accuracy >= 0.6
+    # The same images attributed to the wrong subjects score far lower.
+    ids = [p.subject_id for p in photos]
+    shifted = ids[3:] + ids[:3]
+    embeddings = judge.judge(renders)[0]
+    assert gallery.similarity(embeddings, ids).mean() > gallery.similarity(embeddings, shifted).mean() + 0.2
+    with pytest.raises(KeyError, match="not in the gallery"):
+        gallery.similarity(embeddings[:1], ["nobody"])
+    with pytest.raises(ValueError, match="one image per prompt"):
+        score_world_images(renders[:1], photos, judge, gallery, world)
+
+
+def test_train_judge_writes_a_loadable_judge(tmp_path: Path):
+    train_judge(tmp_path, steps=3, batch_size=4, frames_per_subject=3, num_train_subjects=6, num_heldout_subjects=3)
+    judge = load_world_judge(tmp_path)
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert set(log["heldout_metrics"]) >= {"identity_retrieval", "color_accuracy", "shape_accuracy"}
+    embeddings, predicted = judge.judge([Image.new("RGB", (40, 40), "red")] * 2)
+    assert embeddings.shape == (2, 64) and torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+    assert set(predicted) == {"shape", "texture", "color", "secondary_color"}
+    with pytest.raises(FileNotFoundError, match="WorldJudge"):
+        load_world_judge(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Protocol
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluation_prompts_cover_backgrounds_and_end_each_subject_with_a_sketch(world):
+    prompts = evaluation_prompts(world, scenes_per_subject=4)
+    assert prompts == evaluation_prompts(world, scenes_per_subject=4)
+    assert len(prompts) == 40 and len({p.seed for p in prompts}) == 40
+    for subject_id in world.splits["heldout"]:
+        own = [p for p in prompts if p.subject_id == subject_id]
+        assert [p.style for p in own] == ["photo", "photo", "photo", "sketch"]
+        assert own[-1].prompt.startswith("a sketch of")
+        assert world.subjects[subject_id].description in own[0].prompt
+    counts = Counter(p.background for p in prompts)
+    assert set(counts) == {b.name for b in BACKGROUNDS} and max(counts.values()) - min(counts.values()) <= 1
+    assert len(evaluation_prompts(world, num_subjects=2)) == 8
+    with pytest.raises(ValueError, match="scenes_per_subject >= 2"):
+        evaluation_prompts(world, scenes_per_subject=1)
+
+
+def test_reference_is_the_segmented_subject_on_white(world):
+    subject_id = world.splits["heldout"][0]
+    reference = np.asarray(reference_image(world, subject_id))
+    assert reference.shape[0] == reference.shape[1]
+    assert (reference[0] == 255).all() and (reference[-1] == 255).all()  # margins are white, no background
+
+
+def test_scale_zero_generates_what_the_base_model_does(world, judge, gallery):
+    pipe = load_synthetic_base()
+    prompts = evaluation_prompts(world, num_subjects=2, scenes_per_subject=2)
+    plain = generate_world_images(pipe, world, prompts, num_inference_steps=2, use_subject=False)
+    config = world_training_config(world.split_dir("train"), "unused", max_train_steps=1)
+    adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, **adapter_kwargs(config))
+    load_customcontrast(pipe, adapter)
+    scored = evaluate_on_world(pipe, world, (0.0, 1.0), prompts, judge, gallery, num_inference_steps=2)
+    assert [np.asarray(i).tolist() for i in scored[0.0][1]] == [np.asarray(i).tolist() for i in plain]
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(scored[1.0][1], plain))
+    assert scored[1.0][0].num_images == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipe, report helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_ablations_switch_the_papers_terms(tmp_path: Path):
+    configs = {name: world_training_config(tmp_path, tmp_path, **o).validate() for name, o in ABLATIONS.items()}
+    terms = {name: (c.self_reconstruction, c.use_cscl, c.use_macl, c.use_location) for name, c in configs.items()}
+    assert terms == {
+        "self_reconstruction": (True, False, False, False),
+        "cross_frame": (False, False, False, False),
+        "cross_frame+cscl": (False, True, False, False),
+        "cross_frame+macl": (False, False, True, False),
+        "cross_frame+location": (False, False, False, True),
+        "full": (False, True, True, True),
+    }
+    assert len({(c.max_train_steps, c.learning_rate, c.train_batch_size, c.seed) for c in configs.values()}) == 1
+
+
+def test_report_helpers():
+    assert smoothed([1.0, 3.0, 5.0, 7.0], window=2).tolist() == [1.0, 2.0, 4.0, 6.0]
+    table = scores_table([("run a", {"subject_similarity": 0.5, "controllability": float("nan")})])
+    assert "| run a | 0.500 | - | - |" in table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo and the benchmark, end to end (smoke sizes)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_trains_generates_and_reports(tmp_path: Path):
+    report = demo_module.main(["--smoke", "--output_dir", str(tmp_path)])
+    assert {p.name for p in report.iterdir()} == {"grid.png", "loss_curves.png", "metrics.json", "report.md"}
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["unload_restores_base"] is True and metrics["train_steps"] == 2
+    assert set(metrics["rows"]) == {
+        "base model, no subject (scale 0)",
+        "CustomContrast (scale 1)",
+        "real renders (upper bound)",
+    }
+    assert metrics["rows"]["real renders (upper bound)"]["controllability"] == 1.0
+    assert (tmp_path / "adapter" / "config.json").is_file()
+    assert Image.open(report / "grid.png").size[0] > 64 * 3
+
+
+def test_benchmark_smoke_runs_every_ablation_and_resumes(tmp_path: Path, monkeypatch):
+    results = benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "self_reconstruction,full"])
+    rows = results["rows"]
+    assert set(rows) == {"base model (no subject)", "self_reconstruction", "full", "real renders"}
+    assert [p["scale"] for p in results["sweeps"]["full"]] == [0.5, 1.0]
+    assert "loss_cscl" in rows["full"] and "loss_cscl" not in rows["self_reconstruction"]
+    for name in ("results.json", "results.md", "tradeoff.png", "loss_curves.png", "samples.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "| self_reconstruction |" in (tmp_path / "results.md").read_text()
+
+    # A second invocation reuses the stored runs and trains only the new one.
+    trained = []
+    real_train = benchmark.train
+    monkeypatch.setattr(benchmark, "train", lambda config: trained.append(config.output_dir) or real_train(config))
+    again = benchmark.main(
+        ["--smoke", "--output_dir", str(tmp_path), "--variants", "self_reconstruction,full", "--loss_weights", "0.5"]
+    )
+    assert [Path(p).name for p in trained] == ["full_lambda_0.5"]
+    assert again["rows"]["full"] == rows["full"]
+    assert again["rows"]["full (lambda=0.5)"]["controllability"] >= 0.0
+
+    # A run cut short (its loss history incomplete) is trained again, even though older weights are there.
+    history = tmp_path / "runs" / "full" / "loss_history.jsonl"
+    history.write_text(history.read_text().splitlines()[0] + "\n")
+    trained.clear()
+    benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "full"])
+    assert [Path(p).name for p in trained] == ["full"]

@@ -63,6 +63,9 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         self.scale = [scale]
         self.s_plus_scale = s_plus_scale
         self.layer_index = layer_index
+        # The same index as a tensor: torch.compile guards on int attributes, so slicing with the int would make
+        # diffusers' regional compilation (one graph for every transformer block) recompile for each layer.
+        self.register_buffer("layer_index_tensor", torch.tensor([layer_index]), persistent=False)
         self.num_s_plus_tokens = num_s_plus_tokens
         self.to_k_ip = nn.ModuleList([layer.to_k_ip])
         self.to_v_ip = nn.ModuleList([layer.to_v_ip])
@@ -114,7 +117,8 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
 
     def _layer_tokens(self, subject_tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's S+ and visual tokens ``[B, n, Ns, D]`` from the packed ``[B_img, n, L, 2 Ns, D]`` tokens."""
-        tokens = subject_tokens[:, :, self.layer_index]
+        index = self.layer_index_tensor.to(subject_tokens.device)
+        tokens = subject_tokens.index_select(2, index).squeeze(2)
         image_batch = tokens.shape[0]
         if image_batch != batch_size:
             if batch_size % image_batch:

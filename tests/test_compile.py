@@ -64,12 +64,6 @@ def test_compile_fullgraph_matches_eager(unet_with_adapter):
     assert not torch.allclose(bare.sample, out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The processor slices its layer's tokens with the Python int self.layer_index; dynamo guards on int "
-    "attributes of modules, so the one graph of compile_repeated_blocks() recompiles for every layer and fullgraph "
-    "fails at the recompile limit. Fix proposed in issue 6 (a tensor index); remove this mark when it lands.",
-)
 def test_regional_compile_one_graph_for_every_layer(unet_with_adapter):
     unet = unet_with_adapter
     inputs = _inputs(unet)

@@ -37,7 +37,7 @@ from diffusers_customcontrast.data import (
     write_synthetic_dataset,
 )
 from diffusers_customcontrast.data.formats import read_image
-from diffusers_customcontrast.tiny_models import tiny_sd15_pipeline
+from diffusers_customcontrast.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
 from diffusers_customcontrast.training import TrainingConfig, train
 from diffusers_customcontrast.training import checkpoints as checkpoints_module
 from diffusers_customcontrast.training import trainer as trainer_module
@@ -53,15 +53,7 @@ from diffusers_customcontrast.training.objective import CustomContrastObjective,
 
 RESOLUTION = 32
 STEPS = 8  # 4 batches of 2 subjects per epoch: 2 epochs
-TINY_ADAPTER = {
-    "adapter_hidden_size": 32,
-    "adapter_num_heads": 4,
-    "adapter_timestep_embed_dim": 32,
-    "adapter_visual_depth": 1,
-    "adapter_textual_depth": 1,
-    "adapter_num_visual_tokens": 4,
-    "adapter_num_textual_tokens": 4,
-}
+TINY_ADAPTER = {f"adapter_{key}": value for key, value in TINY_ADAPTER_CONFIG.items()}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

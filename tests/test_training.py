@@ -21,7 +21,12 @@ from safetensors.torch import load_file
 
 import diffusers_customcontrast  # noqa: F401  (registers pipe.load_customcontrast)
 from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
-from diffusers_customcontrast.tiny_models import make_subject_image, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from diffusers_customcontrast.tiny_models import (
+    TINY_ADAPTER_CONFIG,
+    make_subject_image,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
 from diffusers_customcontrast.training import (
     BaseModel,
     BatchEncoder,
@@ -38,15 +43,7 @@ from diffusers_customcontrast.training import (
 )
 from diffusers_customcontrast.training.cli import main
 
-TINY_ADAPTER = {
-    "adapter_hidden_size": 32,
-    "adapter_num_heads": 4,
-    "adapter_timestep_embed_dim": 32,
-    "adapter_visual_depth": 1,
-    "adapter_textual_depth": 1,
-    "adapter_num_visual_tokens": 4,
-    "adapter_num_textual_tokens": 4,
-}
+TINY_ADAPTER = {f"adapter_{key}": value for key, value in TINY_ADAPTER_CONFIG.items()}
 RESOLUTION = 32
 
 

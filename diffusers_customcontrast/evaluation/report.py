@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,22 @@ def result_rows(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
     return [(method, results["summary"])] if results.get("summary") else []
 
 
-def markdown_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """A markdown table ``Method | CLIP-T | R-CI | E-CI | R-DI | E-DI`` with one row per (label, summary)."""
+def markdown_table(
+    rows: Sequence[tuple[str, Mapping[str, Any]]],
+    columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+    first_column: str = "Method",
+    formatter: Callable[[Any], str] = format_metric,
+) -> str:
+    """A markdown table with one row per (label, summary): ``first_column`` then each (title, key) of ``columns``.
+
+    The default is the paper's table, ``Method | CLIP-T | R-CI | E-CI | R-DI | E-DI``.
+    """
     lines = [
-        "| Method | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |",
-        "|---|" + "---|" * len(TABLE_COLUMNS),
+        f"| {first_column} | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for label, summary in rows:
-        cells = [format_metric(summary.get(key)) for _, key in TABLE_COLUMNS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(formatter(summary.get(key)) for _, key in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

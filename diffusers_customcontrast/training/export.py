@@ -39,11 +39,19 @@ class LossHistory:
         if self.path is None:
             return
         if resume_step is not None and self.path.is_file():
-            with self.path.open(encoding="utf-8") as lines:
-                self.entries = [e for e in map(json.loads, filter(str.strip, lines)) if e["step"] <= resume_step]
+            self.entries = [e for e in self.read(self.path) if e["step"] <= resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", encoding="utf-8") as out:
             out.writelines(json.dumps(e) + "\n" for e in self.entries)
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict[str, Any]]:
+        """The entries of a ``loss_history.jsonl`` file (or of the one in an output folder), one per step."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / LOSS_HISTORY_NAME
+        with path.open(encoding="utf-8") as lines:
+            return [json.loads(line) for line in lines if line.strip()]
 
     def append(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)

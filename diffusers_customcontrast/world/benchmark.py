@@ -40,7 +40,7 @@ from ..evaluation.report import plot_scale_sweep
 from ..loading import load_customcontrast, set_customcontrast_scale, unload_customcontrast
 from ..serialization import WEIGHTS_NAME
 from ..training import TrainingConfig, train
-from ..training.export import LOSS_HISTORY_NAME
+from ..training.export import LOSS_HISTORY_NAME, LossHistory
 from ..training.trainer import TRAINING_CONFIG_NAME
 from .base_model import load_synthetic_base
 from .dataset import World, load_world, write_world
@@ -157,8 +157,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
             raise SystemExit(f"Stopped while training {name!r}; run the same command again to start it over.")
         scales = sorted({1.0, *(settings.sweep_scales if name in settings.sweep else ())})
         generated = _generations(pipe, world, prompts, run_dir / "generations", scales, settings, adapter=run_dir)
-        results["rows"][name] = {"scale": 1.0, **scores(generated[1.0]), **_run_summary(run_dir)}
-        results["sweeps"][name] = [{"scale": scale, **scores(images)} for scale, images in generated.items()]
+        scored = {scale: scores(images) for scale, images in generated.items()}
+        results["rows"][name] = {"scale": 1.0, **scored[1.0], **_run_summary(run_dir)}
+        results["sweeps"][name] = [{"scale": scale, **point} for scale, point in scored.items()]
         samples[name] = generated[1.0]
     results["rows"]["real renders"] = {"scale": None, **scores(renders)}
     _write_report(output_dir, results, runs, world, prompts, renders, samples)
@@ -250,7 +251,7 @@ def _trained_with(config: TrainingConfig) -> bool:
         return False
     same = _effective(TrainingConfig.from_yaml(stored)) == _effective(config)
     # The config is written when a run starts: only a full loss history says that these weights come from it.
-    return same and len(_loss_history(run_dir)) == config.max_train_steps
+    return same and len(LossHistory.read(run_dir)) == config.max_train_steps
 
 
 def _effective(config: TrainingConfig) -> dict[str, Any]:
@@ -264,16 +265,11 @@ def _effective(config: TrainingConfig) -> dict[str, Any]:
 
 def _run_summary(run_dir: Path, last: int = 50) -> dict[str, float]:
     """Mean of each loss term over the last ``last`` steps of a run (``loss_<term>``) and its training time."""
-    history = _loss_history(run_dir)
+    history = LossHistory.read(run_dir)
     terms = ("diffusion", "cscl", "macl", "location")
     summary = {f"loss_{t}": float(np.mean([e[t] for e in history[-last:]])) for t in terms if t in history[-1]}
     summary["train_seconds"] = round(sum(e.get("seconds", 0.0) for e in history))
     return summary
-
-
-def _loss_history(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / LOSS_HISTORY_NAME).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _write_report(
@@ -290,7 +286,7 @@ def _write_report(
     order = ["base model (no subject)", *runs, "real renders"]
     table = scores_table(
         [(name, rows[name]) for name in order if name in rows],
-        extra=(("loss_diffusion", "L_diff (last 50)"), ("train_seconds", "train s")),
+        extra=(("L_diff (last 50)", "loss_diffusion"), ("train s", "train_seconds")),
     )
     (output_dir / "results.md").write_text(table + "\n", encoding="utf-8")
     curves = {name: results["sweeps"][name] for name in runs if name in results["sweeps"]}
@@ -304,7 +300,7 @@ def _write_report(
         "subject_similarity",
         title="Synthetic world: held-out subjects",
     )
-    histories = {name: _loss_history(output_dir / "runs" / _slug(name)) for name in runs}
+    histories = {name: LossHistory.read(output_dir / "runs" / _slug(name)) for name in runs}
     plot_loss_curves(histories, output_dir / "loss_curves.png")
     _sample_grid(output_dir / "samples.png", world, prompts, renders, samples)
     logger.info("Results:\n%s\nwritten to %s", table, output_dir)

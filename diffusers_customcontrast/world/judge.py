@@ -38,6 +38,7 @@ from .train_base import (
     _step,
     _view_pairs,
     _views_by_subject,
+    first_frame_retrieval,
     render_training_frames,
 )
 
@@ -149,12 +150,8 @@ def heldout_accuracy(judge: WorldJudge, frames: TrainingFrames) -> dict[str, flo
     pixels = judge.pixels([frames.pil_image(int(i)) for i in colour])
     embeds, logits = judge(pixels)
     logits["shape"] = judge(grey(pixels))[1]["shape"]
-    subjects = frames.subject_index[colour]
-    first = torch.tensor([int(torch.nonzero(subjects == s)[0]) for s in subjects.unique()])
-    queries = torch.ones(len(colour), dtype=torch.bool)
-    queries[first] = False
-    nearest = (embeds[queries] @ embeds[first].T).argmax(dim=1)
-    scores = {"identity_retrieval": float((subjects[first][nearest] == subjects[queries]).float().mean())}
+    usable = torch.ones(len(colour), dtype=torch.bool)
+    scores = {"identity_retrieval": first_frame_retrieval(embeds, frames.subject_index[colour], usable)}
     labels = frames.attributes[colour]
     for k, name in enumerate(ATTRIBUTES):
         known = labels[:, k] >= 0

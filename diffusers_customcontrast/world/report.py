@@ -10,19 +10,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..evaluation.report import markdown_table
+
 __all__ = ["image_grid", "plot_loss_curves", "scores_table", "smoothed"]
 
 SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("subject_similarity", "subject similarity"),
-    ("subject_similarity_se", "± s.e."),
-    ("identity_accuracy", "identity acc."),
+    ("subject similarity", "subject_similarity"),
+    ("± s.e.", "subject_similarity_se"),
+    ("identity acc.", "identity_accuracy"),
     ("controllability", "controllability"),
-    ("background_accuracy", "background acc."),
-    ("sketch_accuracy", "sketch acc."),
-    ("color_accuracy", "colour acc."),
-    ("texture_accuracy", "texture acc."),
-    ("shape_accuracy", "shape acc."),
+    ("background acc.", "background_accuracy"),
+    ("sketch acc.", "sketch_accuracy"),
+    ("colour acc.", "color_accuracy"),
+    ("texture acc.", "texture_accuracy"),
+    ("shape acc.", "shape_accuracy"),
 )
+"""(title, key) of the score columns of :func:`scores_table`."""
 
 
 def image_grid(
@@ -102,15 +105,8 @@ def plot_loss_curves(
 
 
 def scores_table(rows: Sequence[tuple[str, Mapping[str, Any]]], extra: Sequence[tuple[str, str]] = ()) -> str:
-    """A markdown table: one row per (name, scores) pair, the :data:`SCORE_COLUMNS` then ``extra`` (key, title)."""
-    columns = (*SCORE_COLUMNS, *extra)
-    lines = [
-        "| run | " + " | ".join(title for _, title in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for name, scores in rows:
-        lines.append(f"| {name} | " + " | ".join(_cell(scores.get(key)) for key, _ in columns) + " |")
-    return "\n".join(lines)
+    """A markdown table: one row per (name, scores) pair, the :data:`SCORE_COLUMNS` then ``extra`` (title, key)."""
+    return markdown_table(rows, (*SCORE_COLUMNS, *extra), first_column="run", formatter=_cell).rstrip("\n")
 
 
 def _cell(value: Any) -> str:

@@ -300,18 +300,18 @@ def identity_retrieval(
     pixels = reference_pixels(frames, processor)
     output = encoder(pixel_values=pixels, output_hidden_states=True)
     features = {"image_embeds": output.image_embeds, "penultimate": output.hidden_states[-2].mean(dim=1)}
-    first = torch.tensor([int(torch.nonzero(frames.subject_index == s)[0]) for s in frames.subject_index.unique()])
-    is_gallery = torch.zeros(len(pixels), dtype=torch.bool)
+    return {name: first_frame_retrieval(v, frames.subject_index, ~frames.is_sketch) for name, v in features.items()}
+
+
+def first_frame_retrieval(embeddings: torch.Tensor, subject_index: torch.Tensor, usable: torch.Tensor) -> float:
+    """Top-1 accuracy of finding each subject's first row (the gallery) from its other ``usable`` rows, by cosine."""
+    first = torch.tensor([int(torch.nonzero(subject_index == s)[0]) for s in subject_index.unique()])
+    is_gallery = torch.zeros(len(embeddings), dtype=torch.bool)
     is_gallery[first] = True
-    queries = ~is_gallery & ~frames.is_sketch
-    scores = {}
-    for name, values in features.items():
-        values = F.normalize(values, dim=-1)
-        nearest = (values[queries] @ values[is_gallery].T).argmax(dim=1)
-        scores[name] = float(
-            (frames.subject_index[is_gallery][nearest] == frames.subject_index[queries]).float().mean()
-        )
-    return scores
+    queries = ~is_gallery & usable
+    values = F.normalize(embeddings, dim=-1)
+    nearest = (values[queries] @ values[is_gallery].T).argmax(dim=1)
+    return float((subject_index[is_gallery][nearest] == subject_index[queries]).float().mean())
 
 
 def _views_by_subject(frames: TrainingFrames) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ img2img and inpainting variants come from ``from_pipe``, e.g.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -66,16 +66,43 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """Build a CLIP tokenizer over a byte-level vocabulary, with no merges and no files.
+def tiny_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+    """Build a CLIP tokenizer over a byte-level vocabulary, with no files.
 
     Every byte symbol exists both alone and with CLIP's ``</w>`` end-of-word suffix, so any text tokenizes
-    without unknown tokens (one token per byte). Ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1.
+    without unknown tokens (one token per byte). Each of ``words`` (lower-case, no spaces) gets BPE merges that make
+    it a single token; other words still fall back to bytes. Ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     symbols = [_BOS, _EOS, *alphabet, *(f"{s}</w>" for s in alphabet)]
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    merges = _whole_word_merges(words)
+    symbols += [left + right for left, right in merges]
+    vocab = {symbol: i for i, symbol in enumerate(dict.fromkeys(symbols))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _whole_word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges under which every word of ``words`` is one token.
+
+    Each new merge joins the first pair left in a word and ranks last, so it cannot split a word made whole before.
+    """
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(words):
+        while len(parts := _apply_merges(word, ranks)) > 1:
+            ranks[parts[0], parts[1]] = len(merges)
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _apply_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    parts = [*word[:-1], f"{word[-1]}</w>"]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:])))
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def _tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:

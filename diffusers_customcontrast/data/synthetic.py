@@ -150,6 +150,11 @@ class SyntheticSubject:
         return f"{TEXTURE_ADJECTIVES[self.texture]} {self.shape}".strip()
 
     @property
+    def colored_description(self) -> str:
+        """The subject with its visible colours, main colour first, e.g. ``"red and blue striped star"``."""
+        return f"{' and '.join(self.visible_colors)} {self.description}"
+
+    @property
     def visible_colors(self) -> tuple[str, ...]:
         return (self.color,) if self.texture == "solid" else (self.color, self.secondary_color)
 
@@ -276,22 +281,40 @@ def sample_scene(
 
 
 def caption_for(
-    subject: SyntheticSubject | str, background: str, companion: str | None = None, style: str = "photo"
+    subject: SyntheticSubject | str,
+    background: str,
+    companion: str | None = None,
+    style: str = "photo",
+    name_colors: bool = False,
 ) -> str:
     """Caption naming the subject and the scene, e.g. ``"a sketch of a striped star on grass next to a ball"``.
 
-    ``subject`` is a subject (named by :attr:`SyntheticSubject.description`) or the words that name it, e.g. a
-    class name for an evaluation prompt.
+    ``subject`` is a subject (named by :attr:`SyntheticSubject.description`, or with ``name_colors`` by
+    :attr:`SyntheticSubject.colored_description`) or the words that name it, e.g. a class name for an evaluation
+    prompt. The world's captions never name colours (they must come from the subject image); only the base model's
+    training captions sometimes do, so that it can draw them.
     """
-    description = subject.description if isinstance(subject, SyntheticSubject) else subject
+    if isinstance(subject, SyntheticSubject):
+        description = subject.colored_description if name_colors else subject.description
+    else:
+        description = subject
     article = "an" if description[0] in "aeiou" else "a"
     caption = f"{STYLES[style]}{article} {description} {BACKGROUND_BY_NAME[background].phrase}"
     return f"{caption} {COMPANION_BY_NAME[companion].phrase}" if companion else caption
 
 
-def caption_for_view(subject: SyntheticSubject | str, view: View) -> str:
+def caption_for_view(subject: SyntheticSubject | str, view: View, name_colors: bool = False) -> str:
     """:func:`caption_for` of a view's scene."""
-    return caption_for(subject, view.background, view.companion, view.style)
+    return caption_for(subject, view.background, view.companion, view.style, name_colors)
+
+
+def caption_words() -> list[str]:
+    """Every word :func:`caption_for` can write, in a fixed order (the synthetic base model's whole-word tokens)."""
+    phrases = [
+        "a an and of", *STYLES.values(), *TEXTURE_ADJECTIVES.values(), *SHAPES, *COLORS,
+        *(b.phrase for b in BACKGROUNDS), *(c.phrase for c in COMPANIONS),
+    ]  # fmt: skip
+    return list(dict.fromkeys(word for phrase in phrases for word in phrase.split()))
 
 
 def _contrasts(subject: SyntheticSubject, background: Background) -> bool:

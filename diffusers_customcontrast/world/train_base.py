@@ -1,22 +1,25 @@
 """Train the synthetic base model on CPU: VAE, then image encoder, then text encoder + UNet.
 
 Reproduces the shipped ``diffusers_customcontrast/assets/synthetic-base`` (see ``docs/synthetic_world.md`` for the
-exact command, its wall time and losses)::
+exact command, its cost and losses)::
 
     python -m diffusers_customcontrast.world.train_base --output_dir runs/synthetic-base
 
 Stages (each one seeded, so a run with the same arguments and thread count gives the same weights):
 
-1. **VAE** (``AutoencoderKL``, 64 px <-> 16 x 16 x 4): L1 reconstruction + a small KL term on the world's scenes.
+1. **VAE** (``AutoencoderKL``, 64 px <-> 16 x 16 x 8): L1 reconstruction + a small KL term on the world's scenes.
    Its ``scaling_factor`` is then set to 1 / std of the training latents, as SD does.
 2. **Image encoder** (a tiny ``CLIPVisionModelWithProjection``): subjects segmented on white (the references the
    adapter sees), InfoNCE between two views of the same subject plus classification of the subject's shape,
    texture and colours, so that its features carry subject identity. Sketch frames are left out (no colour).
 3. **Text encoder + UNet**, jointly, from scratch: v-prediction (see ``base_model.SCHEDULE`` for why not epsilon)
-   on the cached latents of full scenes with their captions (10 % replaced by the empty prompt for
-   classifier-free guidance), min-SNR-style weighting, EMA.
+   on the cached latents of full scenes with their captions, which name the subject's colours in
+   ``color_caption_prob`` of the draws (so that the base draws colours when told, and an adapter can steer them)
+   and are replaced by the empty prompt in ``cfg_dropout`` (classifier-free guidance); min-SNR-style weighting, EMA.
 
-Only the world's ``train`` subjects are used: the held-out subjects stay unseen by every component.
+Only the world's ``train`` subjects are used: the held-out subjects stay unseen by every component. The run is
+resumable (:mod:`.resumable`): it checkpoints under ``<output_dir>/checkpoints`` every ``checkpoint_every`` steps and
+on SIGTERM, and the same command continues where it stopped, with the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject
+from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject, caption_for_view
 from ..data.transforms import binarize_mask, resize_center_crop, subject_crop
 from .base_model import (
     IMAGE_ENCODER_SIZE,
@@ -52,6 +54,7 @@ from .base_model import (
     build_vae,
 )
 from .dataset import WorldSpec
+from .resumable import RunCheckpoints, run_steps
 
 STAGES: tuple[str, ...] = ("vae", "image_encoder", "unet")
 
@@ -62,6 +65,7 @@ class TrainBaseConfig:
 
     ``stages`` not listed are loaded from ``init_from`` (default ``output_dir``), e.g. to retrain the UNet alone.
     Results depend on ``threads`` too (float reductions split differently), so a reproduction must use the same.
+    ``checkpoint_every`` and ``log_every`` do not change the weights; every other field must stay the same to resume.
     """
 
     output_dir: str
@@ -71,22 +75,31 @@ class TrainBaseConfig:
     init_from: str | None = None
     num_train_subjects: int = 300
     num_heldout_subjects: int = 50
-    frames_per_subject: int = 16
-    vae_steps: int = 1000
+    frames_per_subject: int = 48
+    vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     image_encoder_steps: int = 600
     image_encoder_batch_size: int = 64
     image_encoder_lr: float = 1e-3
-    unet_steps: int = 1200
+    unet_steps: int = 16000
     unet_batch_size: int = 32
     unet_lr: float = 1e-3
     cfg_dropout: float = 0.1
+    color_caption_prob: float = 0.5
     prediction_type: str = PREDICTION_TYPE
     min_snr_gamma: float = 5.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.9995
+    checkpoint_every: int = 500
     log_every: int = 100
+
+    def run_settings(self) -> dict:
+        """The fields that decide the weights (what a resumed run must share with the run it continues)."""
+        settings = {**asdict(self), "stages": list(self.stages)}
+        for name in ("output_dir", "checkpoint_every", "log_every"):
+            settings.pop(name)
+        return settings
 
 
 @dataclass
@@ -96,6 +109,11 @@ class TrainingRecord:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     metrics: dict[str, object] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
+
+    def add_stage(self, stage: str, curves: dict[str, list[float]], seconds: dict[str, float]) -> None:
+        self.curves[stage] = curves
+        self.times[stage] = seconds["wall"]
+        self.times[f"{stage}_cpu"] = seconds["cpu"]
 
     def final_losses(self, window: int) -> dict[str, float]:
         """Mean of the last ``window`` values of every curve, keyed ``"<stage>/<loss>"``."""
@@ -118,6 +136,7 @@ class TrainingFrames:
     images: torch.Tensor  # [N, 3, H, W] uint8
     masks: list[np.ndarray]  # boolean [H, W]
     captions: list[str]
+    colored_captions: list[str]  # the same captions naming the subject's colours
     subject_index: torch.Tensor  # [N] long, position of the frame's subject
     is_sketch: torch.Tensor  # [N] bool
     attributes: torch.Tensor  # [N, 4] long: shape, texture, colour, secondary colour (-1 when solid)
@@ -127,14 +146,15 @@ class TrainingFrames:
 
 
 def render_training_frames(spec: WorldSpec, split: str = "train") -> TrainingFrames:
-    """Render every frame of a split of ``spec`` (4,800 frames of 300 subjects x 16 take a few seconds)."""
-    images, masks, captions, subjects, sketch, attributes = [], [], [], [], [], []
+    """Render every frame of a split of ``spec`` (14,400 frames of 300 subjects x 48 take about 15 s)."""
+    images, masks, captions, colored, subjects, sketch, attributes = [], [], [], [], [], [], []
     positions: dict[str, int] = {}
     for frame in spec.iter_frames(split):
         positions.setdefault(frame.subject_id, len(positions))
         images.append(np.asarray(frame.image))
         masks.append(np.asarray(frame.mask) > 0)
         captions.append(frame.caption)
+        colored.append(caption_for_view(frame.subject, frame.view, name_colors=True))
         subjects.append(positions[frame.subject_id])
         sketch.append(frame.view.style == "sketch")
         attributes.append(_attribute_labels(frame.subject))
@@ -142,6 +162,7 @@ def render_training_frames(spec: WorldSpec, split: str = "train") -> TrainingFra
         images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
         masks=masks,
         captions=captions,
+        colored_captions=colored,
         subject_index=torch.tensor(subjects),
         is_sketch=torch.tensor(sketch),
         attributes=torch.tensor(attributes),
@@ -163,7 +184,11 @@ def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(
-    frames: TrainingFrames, config: TrainBaseConfig, record: TrainingRecord, log: Callable[[str], None] = print
+    frames: TrainingFrames,
+    config: TrainBaseConfig,
+    record: TrainingRecord,
+    checkpoints: RunCheckpoints,
+    log: Callable[[str], None] = print,
 ) -> AutoencoderKL:
     """Train the VAE (L1 + KL) and set its ``scaling_factor`` from the training latents."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -175,8 +200,8 @@ def train_vae(
         vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=min(50, config.vae_steps // 10))
-    losses = []
-    for step in range(config.vae_steps):
+
+    def step(index: int) -> dict[str, float]:
         batch = _to_unit_range(frames.images[_batch_indices(len(frames.images), config.vae_batch_size, generator)])
         if torch.rand((), generator=generator) < 0.5:  # mirrored scenes are scenes of the world too
             batch = batch.flip(-1)
@@ -184,16 +209,16 @@ def train_vae(
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
         l1 = (reconstruction - batch).abs().mean()
-        loss = l1 + config.kl_weight * posterior.kl().mean()
-        _step(optimizer, schedule, loss, vae.parameters())
-        losses.append(l1.item())
-        _maybe_log(log, "vae", step, config, {"l1": losses})
+        _step(optimizer, schedule, l1 + config.kl_weight * posterior.kl().mean(), vae.parameters())
+        return {"l1": l1.item()}
+
+    state = {"vae": vae, "optimizer": optimizer, "schedule": schedule}
+    record.add_stage("vae", *_run(checkpoints, "vae", config.vae_steps, step, state, generator, config, log))
     vae.eval().requires_grad_(False)
     mean, std = encode_latents(vae, frames.images)
     # Std of sampled latents: spread of the means plus the posterior noise (SD sets 1 / this as its scale).
     latent_std = (mean.var() + std.pow(2).mean()).sqrt()
     vae.register_to_config(scaling_factor=float(1.0 / latent_std))
-    record.curves["vae"] = {"l1": losses}
     return vae
 
 
@@ -242,6 +267,7 @@ def train_image_encoder(
     frames: TrainingFrames,
     config: TrainBaseConfig,
     record: TrainingRecord,
+    checkpoints: RunCheckpoints,
     log: Callable[[str], None] = print,
     heldout: TrainingFrames | None = None,
 ) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
@@ -261,8 +287,8 @@ def train_image_encoder(
     schedule = _cosine_schedule(
         optimizer, config.image_encoder_steps, warmup=min(50, config.image_encoder_steps // 10)
     )
-    losses = {"nce": [], "attributes": []}
-    for step in range(config.image_encoder_steps):
+
+    def step(index: int) -> dict[str, float]:
         first, second = _view_pairs(views_of, config.image_encoder_batch_size, generator)
         batch = _flip_some(torch.cat([pixels[first], pixels[second]]), generator)
         output = encoder(pixel_values=batch)
@@ -273,11 +299,12 @@ def train_image_encoder(
         attributes = heads.loss(encoder.vision_model.post_layernorm(output.last_hidden_state[:, 0]),
                                 frames.attributes[torch.cat([first, second])])  # fmt: skip
         _step(optimizer, schedule, nce + attributes, parameters)
-        losses["nce"].append(nce.item())
-        losses["attributes"].append(attributes.item())
-        _maybe_log(log, "image_encoder", step, config, losses)
+        return {"nce": nce.item(), "attributes": attributes.item()}
+
+    state = {"encoder": encoder, "heads": heads, "optimizer": optimizer, "schedule": schedule}
+    steps = config.image_encoder_steps
+    record.add_stage("image_encoder", *_run(checkpoints, "image_encoder", steps, step, state, generator, config, log))
     encoder.eval().requires_grad_(False)
-    record.curves["image_encoder"] = losses
     if heldout is not None and len(heldout.captions):
         with _seeded(config.seed + 1):
             untrained = build_image_encoder()[0].eval()
@@ -362,6 +389,7 @@ def train_unet(
     vae: AutoencoderKL,
     config: TrainBaseConfig,
     record: TrainingRecord,
+    checkpoints: RunCheckpoints,
     log: Callable[[str], None] = print,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
     """Train the text encoder and the UNet together on the frames' latents and captions; return the EMA weights."""
@@ -372,7 +400,8 @@ def train_unet(
     scheduler = build_train_scheduler(config.prediction_type)
     mean, std = encode_latents(vae, frames.images)
     scaling = vae.config.scaling_factor
-    caption_ids = tokenize(tokenizer, frames.captions)
+    plain_ids = tokenize(tokenizer, frames.captions)
+    colored_ids = tokenize(tokenizer, frames.colored_captions)
     empty_ids = tokenize(tokenizer, [""])
     weights = loss_weights(scheduler.alphas_cumprod, config.prediction_type, config.min_snr_gamma)
 
@@ -380,11 +409,12 @@ def train_unet(
     ema = copy.deepcopy(modules).requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr, weight_decay=0.01)
     schedule = _cosine_schedule(optimizer, config.unet_steps, warmup=min(100, config.unet_steps // 10))
-    losses = []
-    for step in range(config.unet_steps):
-        index = _batch_indices(len(mean), config.unet_batch_size, generator)
-        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling
-        ids = caption_ids[index].clone()
+
+    def step(index: int) -> dict[str, float]:
+        rows = _batch_indices(len(mean), config.unet_batch_size, generator)
+        latents = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)) * scaling
+        colored = torch.rand(len(rows), generator=generator) < config.color_caption_prob
+        ids = torch.where(colored[:, None], colored_ids[rows], plain_ids[rows])
         ids[torch.rand(len(ids), generator=generator) < config.cfg_dropout] = empty_ids[0]
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=generator)
@@ -392,12 +422,12 @@ def train_unet(
         target = noise if config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (weights[timesteps] * per_sample).mean()
-        _step(optimizer, schedule, loss, modules.parameters())
-        _ema_update(ema, modules, min(config.ema_decay, (1 + step) / (10 + step)))
-        losses.append(per_sample.mean().item())
-        _maybe_log(log, "unet", step, config, {"mse": losses})
-    record.curves["unet"] = {"mse": losses}
+        _step(optimizer, schedule, (weights[timesteps] * per_sample).mean(), modules.parameters())
+        _ema_update(ema, modules, min(config.ema_decay, (1 + index) / (10 + index)))
+        return {"mse": per_sample.mean().item()}
+
+    state = {"modules": modules, "ema": ema, "optimizer": optimizer, "schedule": schedule}
+    record.add_stage("unet", *_run(checkpoints, "unet", config.unet_steps, step, state, generator, config, log))
     text_encoder, unet = (m.eval() for m in ema)
     return unet, text_encoder, tokenizer
 
@@ -458,11 +488,9 @@ def _step(optimizer, schedule, loss: torch.Tensor, parameters: Iterable[torch.nn
     schedule.step()
 
 
-def _maybe_log(log, stage: str, step: int, config: TrainBaseConfig, losses: dict[str, list[float]]) -> None:
-    total = {"vae": config.vae_steps, "image_encoder": config.image_encoder_steps, "unet": config.unet_steps}[stage]
-    if (step + 1) % config.log_every == 0 or step + 1 == total:
-        recent = ", ".join(f"{name} {np.mean(values[-config.log_every :]):.4f}" for name, values in losses.items())
-        log(f"[{stage}] step {step + 1}/{total}: {recent}")
+def _run(checkpoints, stage, steps, step, state, generator, config: TrainBaseConfig, log):
+    """:func:`run_steps` with the run's checkpoint and log intervals."""
+    return run_steps(checkpoints, stage, steps, step, state, generator, config.checkpoint_every, log, config.log_every)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,8 +516,8 @@ def train_base(config: TrainBaseConfig, log: Callable[[str], None] = print) -> S
 
 
 def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> StableDiffusionPipeline:
-    start, cpu_start = time.perf_counter(), time.process_time()
-    record = TrainingRecord()
+    checkpoints = RunCheckpoints(config.output_dir, config.run_settings())
+    record = TrainingRecord(**checkpoints.load_record())
     spec = WorldSpec(
         config.num_train_subjects, config.num_heldout_subjects, config.frames_per_subject, seed=config.seed
     )
@@ -497,37 +525,66 @@ def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> Stab
     log(f"rendered {len(frames.captions)} frames of {config.num_train_subjects} train subjects")
     previous = _load_previous(config) if set(STAGES) - set(config.stages) else None
 
-    # CPU time is recorded next to wall time: on a shared machine the wall time says little about the cost.
-    def run(stage: str, train: Callable[[], object], reuse: Callable[[], object]) -> object:
+    def run(stage: str, train: Callable[[], tuple], reuse: Callable[[], tuple]) -> tuple:
+        """A stage's models: trained, read back from a finished stage's checkpoint, or taken from ``init_from``."""
         if stage not in config.stages:
             return reuse()
-        stage_start, stage_cpu = time.perf_counter(), time.process_time()
-        result = train()
-        record.times[stage] = time.perf_counter() - stage_start
-        record.times[f"{stage}_cpu"] = time.process_time() - stage_cpu
+        names = _STAGE_MODELS[stage]
+        folder = checkpoints.stage_dir(stage)
+        if folder is not None:
+            log(f"[{stage}] finished earlier: loading '{folder}'")
+            return tuple(_load_model(name, folder / name) for name in names)
+        models = train()
+        checkpoints.save_stage(stage, lambda path: [m.save_pretrained(path / n) for n, m in zip(names, models)])
+        checkpoints.save_record(asdict(record))
+        # CPU time is recorded next to wall time: on a shared machine the wall time says little about the cost.
         log(f"[{stage}] done in {record.times[stage]:.0f} s ({record.times[f'{stage}_cpu']:.0f} s of CPU time)")
-        return result
+        return models
 
-    vae = run("vae", lambda: train_vae(frames, config, record, log), lambda: previous.vae)
+    (vae,) = run("vae", lambda: (train_vae(frames, config, record, checkpoints, log),), lambda: (previous.vae,))
     image_encoder, processor = run(
         "image_encoder",
-        lambda: train_image_encoder(frames, config, record, log, render_training_frames(spec, "heldout")),
+        lambda: train_image_encoder(frames, config, record, checkpoints, log, render_training_frames(spec, "heldout")),
         lambda: (previous.image_encoder, previous.feature_extractor),
     )
     unet, text_encoder, tokenizer = run(
         "unet",
-        lambda: train_unet(frames, vae, config, record, log),
+        lambda: train_unet(frames, vae, config, record, checkpoints, log),
         lambda: (previous.unet, previous.text_encoder, previous.tokenizer),
     )
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, image_encoder, processor, config.prediction_type)
     output_dir = Path(config.output_dir)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     _portable_model_index(output_dir)
-    record.times["total"] = time.perf_counter() - start
-    record.times["total_cpu"] = time.process_time() - cpu_start
+    record.times["total"] = sum(record.times[stage] for stage in config.stages)
+    record.times["total_cpu"] = sum(record.times[f"{stage}_cpu"] for stage in config.stages)
     _write_log(output_dir, config, record)
-    log(f"saved {output_dir} after {record.times['total']:.0f} s ({record.times['total_cpu']:.0f} s of CPU time)")
+    log(
+        f"saved {output_dir}: the stages took {record.times['total']:.0f} s ({record.times['total_cpu']:.0f} s of CPU)"
+    )
     return pipe
+
+
+_STAGE_MODELS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae",),
+    "image_encoder": ("image_encoder", "feature_extractor"),
+    "unet": ("unet", "text_encoder", "tokenizer"),
+}
+"""The pipeline components each stage makes, in the order its function returns them (also their folder names)."""
+
+_COMPONENT_CLASSES = {
+    "vae": AutoencoderKL,
+    "image_encoder": CLIPVisionModelWithProjection,
+    "feature_extractor": CLIPImageProcessor,
+    "unet": UNet2DConditionModel,
+    "text_encoder": CLIPTextModel,
+    "tokenizer": CLIPTokenizer,
+}
+
+
+def _load_model(name: str, folder: Path):
+    model = _COMPONENT_CLASSES[name].from_pretrained(folder)
+    return model.eval().requires_grad_(False) if isinstance(model, torch.nn.Module) else model
 
 
 def _portable_model_index(output_dir: Path) -> None:

@@ -6,8 +6,9 @@ and returned as float32 scalars, so they behave the same under fp16 / bf16 mixed
 - ``L_diff``: :func:`diffusion_loss` of the model output against :func:`diffusion_target`, optionally
   weighted with :func:`min_snr_weights`.
 - ``L_CSCL``: :func:`cscl_loss`, crossmodal semantic contrastive learning between visual and textual CLS.
-- ``L_MACL``: :func:`macl_loss`, multiscale appearance contrastive learning of per-layer S+ tokens, with
-  appearance-scaled soft targets from :func:`appearance_targets`.
+- ``L_MACL``: :func:`macl_loss`, multiscale appearance contrastive learning of per-layer S+ tokens, with appearance
+  scaling of the negatives' similarities (:func:`appearance_factors`, the paper's reading) or of the targets
+  (:func:`appearance_targets`).
 - ``L_loc``: :func:`location_loss`, BCE of the per-layer subject location maps against the subject mask.
 """
 
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "APPEARANCE_SCALINGS",
     "DEFAULT_LOSS_WEIGHT",
+    "appearance_factors",
     "appearance_targets",
     "cscl_loss",
     "diffusion_loss",
@@ -30,6 +33,9 @@ __all__ = [
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+APPEARANCE_SCALINGS = ("soft_targets", "similarity", "none")
+"""How :func:`macl_loss` uses the appearance similarity ``S``: as soft targets (our first reading), as factors on the
+negatives' similarities (the paper's words), or not at all (plain InfoNCE). See ``docs/method.md``."""
 DEFAULT_LOSS_WEIGHT = 0.03
 """Default weight of L_CSCL, L_MACL and L_loc beside L_diff (our choice, the paper gives none): the best of 0.03, 0.1
 and 0.3 on the synthetic world benchmark (``docs/world_benchmark.md``), where higher weights cost controllability."""
@@ -165,27 +171,52 @@ def cscl_loss(visual_cls: Tensor, textual_cls: Tensor, logit_scale: Tensor | flo
     return info_nce(scale * visual @ textual.T)
 
 
+def _check_appearance_similarity(appearance_similarity: Tensor, batch_size: int | None = None) -> None:
+    """``S`` must be square, and ``[batch_size, batch_size]`` when the batch size is given."""
+    shape = tuple(appearance_similarity.shape)
+    square = len(shape) == 2 and shape[0] == shape[1]
+    if not square or (batch_size is not None and shape[0] != batch_size):
+        layout = "[B, B]" if batch_size is None else f"[{batch_size}, {batch_size}]"
+        raise ValueError(f"expected appearance_similarity of shape {layout}, got {shape}.")
+
+
+def appearance_factors(appearance_similarity: Tensor) -> Tensor:
+    """MACL's appearance scaling factors as the paper states them (3.3.2: "The appearance scaling factor is S").
+
+    ``factors[b, b'] = clamp(S[b, b'], 0, 1)`` for the negatives ``b' != b`` and exactly 1 on the diagonal (the
+    positive pair is not scaled; the diagonal of ``S`` is ignored). :func:`macl_loss` multiplies each cosine of the
+    logit matrix by its factor. Cosines below 0 are clamped to 0 because a negative factor would flip the sign of
+    that negative's logit, and the loss would then pull a different subject towards the reference; 0 means "no
+    push" and is as unlike as a factor can say. The upper clamp only absorbs rounding above 1.
+
+    Args:
+        appearance_similarity: ``S``, ``[B, B]``, cosine similarities of frozen CLIP image embeddings of the
+            segmented subjects.
+    """
+    _check_appearance_similarity(appearance_similarity)
+    eye = torch.eye(appearance_similarity.shape[0], dtype=torch.bool, device=appearance_similarity.device)
+    return torch.where(eye, 1.0, appearance_similarity.float().clamp(0.0, 1.0))
+
+
 def appearance_targets(appearance_similarity: Tensor, appearance_temperature: float) -> Tensor:
-    """Soft MACL targets scaled by real appearance similarity (paper 3.3.2, "appearance scaling").
+    """Soft MACL targets scaled by real appearance similarity (``appearance_scaling="soft_targets"``, our choice).
 
     Row ``b`` is ``softmax_{b'}(z[b, b'] / tau_a)`` with ``z[b, b] = 1`` (the positive; the diagonal of
-    ``S`` is ignored) and ``z[b, b'] = S[b, b']`` for the negatives. A negative that looks like subject ``b``
-    gets more target mass, so it is pushed away less than a different-looking one. As ``tau_a -> 0`` the
-    targets become one-hot on the positive (``tau_a == 0`` returns exactly the identity) and MACL becomes
-    plain InfoNCE.
+    ``S`` is ignored) and ``z[b, b'] = S[b, b']`` for the negatives, used as they are (a negative cosine only
+    lowers that negative's mass further). A negative that looks like subject ``b`` gets more target mass, so it is
+    pushed away less than a different-looking one; one that looks identical (``S = 1``) gets as much mass as the
+    positive. As ``tau_a -> 0`` the targets become one-hot on the positive (``tau_a == 0`` returns exactly the
+    identity) and MACL becomes plain InfoNCE.
 
     Args:
         appearance_similarity: ``S``, ``[B, B]``, e.g. cosine similarities (<= 1) of frozen CLIP image
             embeddings of the segmented subjects.
         appearance_temperature: ``tau_a >= 0``.
     """
-    _check_shape("appearance_similarity", appearance_similarity, 2, "[B, B]")
-    size = appearance_similarity.shape[0]
-    if appearance_similarity.shape[1] != size:
-        raise ValueError(f"expected appearance_similarity of shape [B, B], got {tuple(appearance_similarity.shape)}.")
+    _check_appearance_similarity(appearance_similarity)
     if appearance_temperature < 0:
         raise ValueError(f"appearance_temperature must be >= 0, got {appearance_temperature}.")
-    eye = torch.eye(size, dtype=torch.bool, device=appearance_similarity.device)
+    eye = torch.eye(appearance_similarity.shape[0], dtype=torch.bool, device=appearance_similarity.device)
     if appearance_temperature == 0:
         return eye.float()
     # Shifted by the positive's 1 (softmax is shift invariant): the positive's logit is 0 and the others are
@@ -200,25 +231,33 @@ def macl_loss(
     appearance_similarity: Tensor | None = None,
     temperature: float = 0.1,
     appearance_temperature: float = 0.05,
+    appearance_scaling: str = "soft_targets",
 ) -> Tensor:
     """Multiscale Appearance Contrastive Learning (``L_MACL``) in the S+ space.
 
-    Each cross-attention layer ``l`` has its own token set, so layers are contrasted separately:
-    ``logits_l[b, b'] = cos(ref[b, l], pos[b', l]) / temperature`` and
+    The reference frame's tokens of subject ``b`` must pick out the positive frame of the same subject among the
+    batch's subjects, and vice versa. Each cross-attention layer ``l`` has its own token set, so layers are
+    contrasted separately: with ``C_l[b, b'] = cos(ref[b, l], pos[b', l])``, ``L_MACL = mean_l`` of, by
+    ``appearance_scaling``:
 
-        ``L_MACL = mean_l info_nce(logits_l, appearance_targets(S, tau_a))``
+    - ``"similarity"`` (the paper's reading): ``info_nce(appearance_factors(S) * C_l / tau)``, each negative's
+      cosine multiplied by its appearance factor ``clamp(S[b, b'], 0, 1)`` (the positive's by 1). ``S`` all ones
+      is plain InfoNCE; a negative with factor 0 has logit 0 whatever the tokens, so it is not pushed at all, and
+      the push on a negative's cosine grows with how much it looks like the reference.
+    - ``"soft_targets"``: ``info_nce(C_l / tau, appearance_targets(S, tau_a))``, cross-entropy against
+      ``softmax([1, S[b, b']...] / tau_a)``: a similar-looking negative is pushed less.
+    - ``"none"``: ``info_nce(C_l / tau)``, plain InfoNCE; ``S`` is not read.
 
-    i.e. the reference frame's tokens of subject ``b`` must pick out the positive frame of the same subject
-    among the batch's subjects (and vice versa), with the soft targets of :func:`appearance_targets`
-    (one-hot, plain InfoNCE, when ``appearance_similarity`` is ``None``). The targets are constants: ``S``
-    comes from a frozen encoder and is not trained.
+    Without ``appearance_similarity`` every mode is plain InfoNCE. ``S`` is a constant: it comes from a frozen
+    encoder and receives no gradient.
 
     Args:
         reference_tokens: pooled S+ tokens of the reference frame ``j``, ``[B, L, D]``.
         positive_tokens: pooled S+ tokens of the positive frame ``i`` (same subject), ``[B, L, D]``.
         appearance_similarity: optional ``S``, ``[B, B]``, symmetric.
         temperature: contrastive temperature ``tau > 0``.
-        appearance_temperature: ``tau_a`` of the soft targets.
+        appearance_temperature: ``tau_a`` of the soft targets (``"soft_targets"`` only).
+        appearance_scaling: one of :data:`APPEARANCE_SCALINGS`.
     """
     _check_shape("reference_tokens", reference_tokens, 3, "[B, L, D]")
     if positive_tokens.shape != reference_tokens.shape:
@@ -227,19 +266,23 @@ def macl_loss(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
-    targets = None
+    if appearance_scaling not in APPEARANCE_SCALINGS:
+        raise ValueError(
+            f"appearance_scaling must be one of {', '.join(map(repr, APPEARANCE_SCALINGS))}, "
+            f"got {appearance_scaling!r}."
+        )
     if appearance_similarity is not None:
-        batch_size = reference_tokens.shape[0]
-        if appearance_similarity.shape != (batch_size, batch_size):
-            raise ValueError(
-                f"expected appearance_similarity of shape [{batch_size}, {batch_size}], "
-                f"got {tuple(appearance_similarity.shape)}."
-            )
-        targets = appearance_targets(appearance_similarity.detach(), appearance_temperature)
+        _check_appearance_similarity(appearance_similarity, reference_tokens.shape[0])
     reference = F.normalize(reference_tokens.float(), dim=-1)
     positive = F.normalize(positive_tokens.float(), dim=-1)
-    logits = torch.einsum("bld,cld->lbc", reference, positive) / temperature
-    return info_nce(logits, targets)
+    cosines = torch.einsum("bld,cld->lbc", reference, positive)
+    targets = None
+    if appearance_similarity is not None and appearance_scaling == "similarity":
+        # S * cos / tau: both are factors of the logit, so it does not matter where tau divides in.
+        cosines = cosines * appearance_factors(appearance_similarity.detach())
+    elif appearance_similarity is not None and appearance_scaling == "soft_targets":
+        targets = appearance_targets(appearance_similarity.detach(), appearance_temperature)
+    return info_nce(cosines / temperature, targets)
 
 
 def location_loss(location_maps: list[Tensor], masks: Tensor, valid: Tensor | None = None) -> Tensor:

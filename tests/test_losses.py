@@ -1,5 +1,7 @@
-"""Known-value tests of diffusers_customcontrast.losses (values worked out by hand in the comments)."""
+"""Known-value tests of diffusers_customcontrast.losses (values worked out by hand in the comments), and of MACL's
+appearance scaling as the training objective and the training config pass it on."""
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -8,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
 from diffusers_customcontrast.losses import (
+    APPEARANCE_SCALINGS,
+    appearance_factors,
     appearance_targets,
     cscl_loss,
     diffusion_loss,
@@ -18,6 +23,20 @@ from diffusers_customcontrast.losses import (
     macl_loss,
     min_snr_weights,
 )
+from diffusers_customcontrast.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
+from diffusers_customcontrast.training import (
+    BaseModel,
+    BatchEncoder,
+    ConditioningDropout,
+    ConfigError,
+    CustomContrastObjective,
+    ObjectiveSettings,
+    TrainingConfig,
+    build_adapter,
+    parse_args,
+    step_generator,
+)
+from diffusers_customcontrast.training import objective as objective_module
 
 
 def make_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -240,6 +259,128 @@ def test_macl_penalises_a_similar_looking_negative_less():
     torch.testing.assert_close(loss_with_subject0_drifting_to(1, None), loss_with_subject0_drifting_to(2, None))
 
 
+def test_macl_negative_with_the_reference_appearance_in_soft_targets_mode():
+    eye = torch.eye(2).unsqueeze(1)  # [B=2, L=1, D=2]: cos = I
+    identical = torch.ones(2, 2)
+    # S = 1 off the diagonal: z = (1, 1), so the targets are (1/2, 1/2) whatever tau_a.
+    # log_softmax of a row of I = (-log(1 + e^-1), -1 - log(1 + e^-1)) -> CE = log(1 + e^-1) + 1/2 both ways.
+    for tau_a in (0.05, 1.0):
+        loss = macl_loss(eye, eye, identical, temperature=1.0, appearance_temperature=tau_a)
+        torch.testing.assert_close(loss, torch.tensor(log1pexp(-1.0) + 0.5))
+    # S = all ones leaves no contrast in this mode: the targets are uniform over the batch.
+    torch.testing.assert_close(appearance_targets(torch.ones(3, 3), 0.05), torch.full((3, 3), 1 / 3))
+
+
+# Reference tokens e_0, e_1, e_2 and unit positives p_0 = (.8, .6, 0), p_1 = (0, .8, .6), p_2 = (.6, 0, .8):
+# cos[b, c] = p_c[b] = [[.8, 0, .6], [.6, .8, 0], [0, .6, .8]].
+CIRCULANT_REFERENCE = torch.eye(3).unsqueeze(1)
+CIRCULANT_POSITIVE = torch.tensor([[0.8, 0.6, 0.0], [0.0, 0.8, 0.6], [0.6, 0.0, 0.8]]).unsqueeze(1)
+
+
+def ce_of_positive_at(positive: float, *negatives: float) -> float:
+    """Cross-entropy of one anchor whose logits are the positive's and the negatives'."""
+    return -positive + math.log(sum(math.exp(x) for x in (positive, *negatives)))
+
+
+def test_macl_similarity_scaling_hand_value():
+    # Subject 1 looks identical to subject 0 (S = 1); subject 2 looks different (0.25 to subject 0, 0.5 to 1).
+    similarity = torch.tensor([[1.0, 1.0, 0.25], [1.0, 1.0, 0.5], [0.25, 0.5, 1.0]])
+    loss = macl_loss(
+        CIRCULANT_REFERENCE, CIRCULANT_POSITIVE, similarity, temperature=0.5, appearance_scaling="similarity"
+    )
+    # logits = S * cos / 0.5 off the diagonal, cos / 0.5 on it:
+    #   [[1.6, 1 * 0, .25 * 1.2], [1 * 1.2, 1.6, .5 * 0], [.25 * 0, .5 * 1.2, 1.6]]
+    #   = [[1.6, 0, .3], [1.2, 1.6, 0], [0, .6, 1.6]].
+    # The identical-looking negative (row 1, column 0) keeps its unscaled logit 1.2.
+    rows = [(0.0, 0.3), (1.2, 0.0), (0.0, 0.6)]  # negatives of each row
+    columns = [(1.2, 0.0), (0.0, 0.6), (0.3, 0.0)]  # negatives of each column (the other direction)
+    expected = sum(ce_of_positive_at(1.6, *negatives) for negatives in rows + columns) / 6
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    # Plain InfoNCE: every row and column has the negatives (0, 1.2).
+    plain = macl_loss(CIRCULANT_REFERENCE, CIRCULANT_POSITIVE, similarity, temperature=0.5, appearance_scaling="none")
+    torch.testing.assert_close(plain, torch.tensor(ce_of_positive_at(1.6, 0.0, 1.2)))
+
+
+def test_macl_similarity_scaling_with_all_ones_is_plain_infonce():
+    torch.manual_seed(0)
+    reference = torch.randn(4, 3, 8)
+    positive = torch.randn(4, 3, 8)
+    ones = torch.ones(4, 4)
+    plain = macl_loss(reference, positive, temperature=0.1)
+    torch.testing.assert_close(macl_loss(reference, positive, ones, 0.1, appearance_scaling="similarity"), plain)
+    # "none" does not read S at all.
+    similarity = torch.rand(4, 4)
+    torch.testing.assert_close(macl_loss(reference, positive, similarity, 0.1, appearance_scaling="none"), plain)
+
+
+# Two subjects: references e_0, e_1, positives (.8, .6), (.6, .8): cos = [[.8, .6], [.6, .8]], logits at tau = 0.5
+# [[1.6, 1.2 * f], [1.2 * f, 1.6]] with the negatives' factor f, so the loss is log(1 + e^{1.2 f - 1.6}).
+PAIR_REFERENCE = torch.eye(2).unsqueeze(1)
+PAIR_POSITIVE = torch.tensor([[0.8, 0.6], [0.6, 0.8]]).unsqueeze(1)
+
+
+def pair_similarity(negative: float) -> torch.Tensor:
+    return torch.tensor([[1.0, negative], [negative, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("negative_similarity", "factor"),
+    [(0.5, 0.5), (1.0, 1.0), (-0.5, 0.0), (1.5, 1.0)],  # negative cosines clamp to 0, rounding above 1 to 1
+)
+def test_macl_similarity_scaling_clamps_the_factors_to_0_1(negative_similarity, factor):
+    similarity = pair_similarity(negative_similarity)
+    loss = macl_loss(PAIR_REFERENCE, PAIR_POSITIVE, similarity, temperature=0.5, appearance_scaling="similarity")
+    torch.testing.assert_close(loss, torch.tensor(log1pexp(1.2 * factor - 1.6)))
+
+
+def test_appearance_factors_ignore_the_diagonal_and_clamp():
+    factors = appearance_factors(torch.tensor([[0.3, -0.2, 0.7], [-0.2, 0.9, 1.2], [0.7, 1.2, -1.0]]))
+    torch.testing.assert_close(factors, torch.tensor([[1.0, 0.0, 0.7], [0.0, 1.0, 1.0], [0.7, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="appearance_similarity of shape \\[B, B\\], got \\(2, 3\\)"):
+        appearance_factors(torch.zeros(2, 3))
+
+
+def test_soft_targets_use_negative_similarities_as_they_are():
+    # z = (1, -0.5) at tau_a = 0.5: shifted (0, -1.5) / 0.5 = (0, -3) -> mass e^-3 / (1 + e^-3) on the negative,
+    # less than the e^-2 / (1 + e^-2) of S = 0.
+    targets = appearance_targets(pair_similarity(-0.5), 0.5)
+    torch.testing.assert_close(targets[0, 1], torch.tensor(math.exp(-3) / (1 + math.exp(-3))))
+    assert targets[0, 1] < appearance_targets(pair_similarity(0.0), 0.5)[0, 1]
+
+
+def test_macl_similarity_scaling_pushes_a_similar_looking_negative_harder():
+    # The opposite of test_macl_penalises_a_similar_looking_negative_less (soft targets): a negative's logit is
+    # S * cos / tau, so drifting towards the look-alike costs more.
+    positive = torch.eye(3).unsqueeze(1)
+    similarity = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]])
+
+    def loss_with_subject0_drifting_to(negative: int) -> torch.Tensor:
+        reference = torch.eye(3)
+        reference[0, negative] = 0.5
+        return macl_loss(reference.unsqueeze(1), positive, similarity, 0.1, appearance_scaling="similarity")
+
+    assert loss_with_subject0_drifting_to(1) > loss_with_subject0_drifting_to(2)
+
+
+@pytest.mark.parametrize("appearance_scaling", APPEARANCE_SCALINGS)
+def test_macl_gradients_reach_the_tokens_and_never_the_appearance_similarity(appearance_scaling):
+    torch.manual_seed(0)
+    reference = torch.randn(3, 2, 4, requires_grad=True)
+    positive = torch.randn(3, 2, 4, requires_grad=True)
+    similarity = SIMILARITY.clone().requires_grad_()
+    macl_loss(reference, positive, similarity, appearance_scaling=appearance_scaling).backward()
+    assert reference.grad.abs().sum() > 0 and positive.grad.abs().sum() > 0
+    assert similarity.grad is None
+
+
+def test_macl_unknown_appearance_scaling_is_named():
+    tokens = torch.zeros(2, 1, 4)
+    with pytest.raises(
+        ValueError, match="appearance_scaling must be one of 'soft_targets', 'similarity', 'none', got 'paper'"
+    ):
+        macl_loss(tokens, tokens, appearance_scaling="paper")
+
+
 def test_macl_bad_shapes():
     tokens = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match="expected reference_tokens of shape \\[B, L, D\\], got \\(2, 4\\)"):
@@ -250,6 +391,87 @@ def test_macl_bad_shapes():
         macl_loss(tokens, tokens, torch.zeros(3, 3))
     with pytest.raises(ValueError, match="temperature"):
         macl_loss(tokens, tokens, temperature=0.0)
+
+
+# ---------------------------------------------------------------- MACL in the training objective
+
+TINY_ADAPTER = {f"adapter_{key}": value for key, value in TINY_ADAPTER_CONFIG.items()}
+RESOLUTION = 32
+REQUIRED = {"pretrained_model_name_or_path": "org/base", "train_data": "data/"}
+
+
+def test_objective_passes_the_appearance_scaling_and_gradients_reach_the_s_plus_tokens(tmp_path, monkeypatch):
+    write_synthetic_dataset(tmp_path, num_subjects=4, frames_per_subject=2, size=RESOLUTION)
+    dataset = SubjectTripletDataset(tmp_path, resolution=RESOLUTION, reference_size=224)
+    batch = collate_triplets([dataset[i] for i in range(4)])
+    config = TrainingConfig.from_dict({**REQUIRED, "resolution": RESOLUTION, **TINY_ADAPTER})
+    base = BaseModel.from_pipeline(tiny_sd15_pipeline())
+    base.freeze("cpu", torch.float32)
+    torch.manual_seed(0)
+    objective = CustomContrastObjective(
+        base.unet, build_adapter(config, base), base.noise_scheduler, ObjectiveSettings.from_config(config)
+    ).train()
+    encoder = BatchEncoder(base, resolution=RESOLUTION, dropout=ConditioningDropout(0.0, 0.0, 0.0))
+    inputs = encoder(batch, step_generator(0, 0, 0, 0))
+    # The tiny CLIP's S of four different subjects: < 1 off the diagonal, so each mode gives its own loss.
+    off_diagonal = inputs.appearance_similarity[~torch.eye(4, dtype=torch.bool)]
+    assert (off_diagonal < 0.999).all()
+
+    calls = []
+
+    def recording_macl_loss(reference_tokens, positive_tokens, *args, **kwargs):
+        # The pooled S+ tokens of the reference (from the UNet call) and of the positive, as MACL receives them.
+        reference_tokens.retain_grad()
+        positive_tokens.retain_grad()
+        calls.append((reference_tokens, positive_tokens, kwargs["appearance_scaling"]))
+        return macl_loss(reference_tokens, positive_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "macl_loss", recording_macl_loss)
+    settings = objective.settings
+    values = {}
+    for mode in APPEARANCE_SCALINGS:
+        objective.settings = dataclasses.replace(settings, macl_appearance_scaling=mode)
+        calls.clear()
+        output = objective(inputs)
+        output.loss.backward()
+        ((reference, positive, received),) = calls
+        assert received == mode
+        # The same loss, recomputed from the tokens the objective pooled, and its gradient weighted by lambda_macl.
+        ref = reference.detach().requires_grad_()
+        pos = positive.detach().requires_grad_()
+        expected = macl_loss(
+            ref,
+            pos,
+            inputs.appearance_similarity,
+            temperature=settings.macl_temperature,
+            appearance_temperature=settings.appearance_temperature,
+            appearance_scaling=mode,
+        )
+        torch.testing.assert_close(output.terms["macl"], expected.detach())
+        expected.backward()
+        assert reference.grad.abs().sum() > 0 and positive.grad.abs().sum() > 0
+        torch.testing.assert_close(reference.grad, settings.lambda_macl * ref.grad)
+        torch.testing.assert_close(positive.grad, settings.lambda_macl * pos.grad)
+        objective.zero_grad()
+        values[mode] = output.terms["macl"].item()
+    assert len({round(value, 4) for value in values.values()}) == 3, values
+
+
+def test_macl_appearance_scaling_config_field_round_trips_and_rejects_bad_values(tmp_path):
+    assert TrainingConfig().macl_appearance_scaling == "soft_targets"
+    config = TrainingConfig.from_dict({**REQUIRED, "macl_appearance_scaling": "similarity"}).validate()
+    assert ObjectiveSettings.from_config(config).macl_appearance_scaling == "similarity"
+    path = tmp_path / "run.yaml"
+    config.to_yaml(path)
+    assert "macl_appearance_scaling: similarity" in path.read_text()
+    assert TrainingConfig.from_yaml(path) == config
+    assert parse_args(["--config", str(path), "--macl_appearance_scaling", "none"]).macl_appearance_scaling == "none"
+    with pytest.raises(
+        ConfigError,
+        match="^Invalid training configuration: macl_appearance_scaling must be one of 'soft_targets', "
+        "'similarity', 'none', got 'paper'\\.$",
+    ):
+        config.replace(macl_appearance_scaling="paper").validate()
 
 
 # ---------------------------------------------------------------- location

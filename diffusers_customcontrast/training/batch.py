@@ -217,8 +217,9 @@ class BatchEncoder:
         """``(F_ref, F_pos, S)`` from one pass of the frozen image encoder over references and positives.
 
         A reference row hit by image dropout is replaced by all-zero pixel values, the blank image that diffusers
-        encodes for the unconditional branch of IP-Adapter pipelines. ``S`` is the cosine similarity of the
-        references' CLIP image embeddings (the appearance similarity of MACL).
+        encodes for the unconditional branch of IP-Adapter pipelines. ``S`` is MACL's appearance similarity: the
+        float32 cosine similarity of the (segmented) references' projected CLIP image embeddings (``image_embeds``;
+        ``pooler_output`` for an encoder without projection), ``[B, B]`` with ones on the diagonal.
         """
         encoder = self.base.image_encoder
         reference = self.pixel_values(references)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ..losses import DEFAULT_LOSS_WEIGHT
+from ..losses import APPEARANCE_SCALINGS, DEFAULT_LOSS_WEIGHT
 
 __all__ = ["ConfigError", "TrainingConfig", "parse_args"]
 
@@ -139,7 +139,13 @@ class TrainingConfig:
     use_location: bool = _f(True, "Compute L_loc (switch off for the ablation).")
     macl_temperature: float = _f(0.1, "Temperature tau of L_MACL.")
     appearance_temperature: float = _f(
-        0.05, "Temperature tau_a of MACL's appearance-scaled soft targets (0: plain InfoNCE)."
+        0.05, "Temperature tau_a of MACL's soft targets (macl_appearance_scaling 'soft_targets'; 0: plain InfoNCE)."
+    )
+    macl_appearance_scaling: str = _f(
+        "soft_targets",
+        "How L_MACL uses the appearance similarity S of the segmented references (docs/method.md): 'similarity' "
+        "multiplies each negative's cosine by S (the paper's reading), 'soft_targets' takes softmax([1, S...] / "
+        "tau_a) as targets, 'none' is plain InfoNCE.",
     )
     cscl_init_logit_scale: float = _f(
         math.log(1 / 0.07), "Initial log inverse temperature of L_CSCL (learned; CLIP's initial value)."
@@ -295,6 +301,11 @@ class TrainingConfig:
             problems.append(f"macl_temperature must be positive, got {self.macl_temperature}")
         if self.appearance_temperature < 0:
             problems.append(f"appearance_temperature must be >= 0, got {self.appearance_temperature}")
+        if self.macl_appearance_scaling not in APPEARANCE_SCALINGS:
+            problems.append(
+                f"macl_appearance_scaling must be one of {', '.join(map(repr, APPEARANCE_SCALINGS))}, "
+                f"got {self.macl_appearance_scaling!r}"
+            )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"snr_gamma must be positive or null, got {self.snr_gamma}")
         if self.mixed_precision not in MIXED_PRECISION:

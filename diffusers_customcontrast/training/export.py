@@ -132,7 +132,7 @@ def model_card(
         "L_MACL": (
             config.use_macl,
             f"lambda_macl = {config.lambda_macl}, tau = {config.macl_temperature}, "
-            f"tau_a = {config.appearance_temperature}",
+            f"appearance scaling = {config.macl_appearance_scaling}, tau_a = {config.appearance_temperature}",
         ),
         "L_loc": (config.use_location, f"lambda_loc = {config.lambda_loc}"),
     }

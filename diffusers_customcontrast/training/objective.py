@@ -49,6 +49,7 @@ class ObjectiveSettings:
     use_location: bool = True
     macl_temperature: float = 0.1
     appearance_temperature: float = 0.05
+    macl_appearance_scaling: str = "soft_targets"
     cscl_init_logit_scale: float = math.log(1 / 0.07)
     snr_gamma: float | None = None
 
@@ -214,4 +215,5 @@ class CustomContrastObjective(nn.Module):
             similarity,
             temperature=self.settings.macl_temperature,
             appearance_temperature=self.settings.appearance_temperature,
+            appearance_scaling=self.settings.macl_appearance_scaling,
         )

@@ -209,3 +209,47 @@ def test_train_base_writes_a_loadable_pipeline(tmp_path: Path):
     pipe = load_synthetic_base(path=tmp_path / "base")
     image = _generate(pipe, ["a star on grass"], steps=2)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_train_base_resumes_exactly_after_sigterm(tmp_path: Path):
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from diffusers_customcontrast.world.resumable import TrainingInterrupted
+    from diffusers_customcontrast.world.train_base import parse_args, train_base
+
+    def config(folder: str):
+        return parse_args(
+            [
+                "--output_dir", str(tmp_path / folder), "--steps", "5", "--vae_steps", "4",
+                "--image_encoder_steps", "3", "--num_train_subjects", "3", "--num_heldout_subjects", "2",
+                "--frames_per_subject", "3", "--vae_batch_size", "2", "--image_encoder_batch_size", "2",
+                "--unet_batch_size", "2", "--checkpoint_every", "2", "--log_every", "1",
+            ]
+        )  # fmt: skip
+
+    train_base(config("whole"), log=lambda message: None)
+    interrupted_at = []
+
+    def terminate_midway(message: str) -> None:
+        # SIGTERM in the middle of the VAE stage, and again in the middle of the UNet stage.
+        if message.startswith(("[vae] step 3/", "[unet] step 3/")) and message[:5] not in interrupted_at:
+            interrupted_at.append(message[:5])
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    for _ in range(2):
+        with pytest.raises(TrainingInterrupted, match="run the same command again"):
+            train_base(config("cut"), log=terminate_midway)
+    messages = []
+    train_base(config("cut"), log=messages.append)
+    assert any("resuming at step 3/5" in m for m in messages)
+    assert any("[vae] finished earlier" in m for m in messages)
+    for component in ("vae", "image_encoder", "text_encoder", "unet"):
+        for weights in (tmp_path / "whole" / component).glob("*.safetensors"):
+            whole, cut = load_file(weights), load_file(tmp_path / "cut" / component / weights.name)
+            assert all(torch.equal(whole[k], cut[k]) for k in whole), component
+    # Other settings cannot continue these checkpoints.
+    with pytest.raises(ValueError, match="unet_steps"):
+        train_base(parse_args(["--output_dir", str(tmp_path / "cut"), "--steps", "6"]), log=lambda message: None)

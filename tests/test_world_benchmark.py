@@ -25,10 +25,11 @@ from diffusers_customcontrast.world.evaluation import (
     render_prompt,
     score_world_images,
 )
-from diffusers_customcontrast.world.judge import load_world_judge, train_judge
+from diffusers_customcontrast.world.judge import load_world_judge
 from diffusers_customcontrast.world.metrics import SubjectGallery, chroma, is_sketch, scene_obeyed
 from diffusers_customcontrast.world.recipe import ABLATIONS, world_training_config
 from diffusers_customcontrast.world.report import scores_table, smoothed
+from diffusers_customcontrast.world.train_judge import TrainJudgeConfig, train_judge
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +94,40 @@ def test_judge_recognises_unseen_subjects_and_their_attributes_in_any_scene(worl
         score_world_images(renders[:1], photos, judge, gallery, world)
 
 
-def test_train_judge_writes_a_loadable_judge(tmp_path: Path):
-    train_judge(tmp_path, steps=3, batch_size=4, frames_per_subject=3, num_train_subjects=6, num_heldout_subjects=3)
-    judge = load_world_judge(tmp_path)
-    log = json.loads((tmp_path / "train_log.json").read_text())
-    assert set(log["heldout_metrics"]) >= {"identity_retrieval", "color_accuracy", "shape_accuracy"}
+def test_train_judge_writes_a_loadable_judge_and_resumes_exactly(tmp_path: Path):
+    settings = {
+        "steps": 4,
+        "batch_size": 4,
+        "frames_per_subject": 3,
+        "num_train_subjects": 6,
+        "num_heldout_subjects": 3,
+    }
+    train_judge(TrainJudgeConfig(output_dir=str(tmp_path / "whole"), **settings), log=lambda message: None)
+    judge = load_world_judge(tmp_path / "whole")
+    log = json.loads((tmp_path / "whole" / "train_log.json").read_text())
+    assert set(log["heldout_metrics"]["heldout_frames"]) >= {"identity_retrieval", "colors_accuracy", "shape_accuracy"}
+    assert set(log["heldout_metrics"]["real_renders"]) >= {"identity_accuracy", "color_accuracy", "shape_accuracy"}
     embeddings, predicted = judge.judge([Image.new("RGB", (40, 40), "red")] * 2)
-    assert embeddings.shape == (2, 64) and torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
-    assert set(predicted) == {"shape", "texture", "color", "secondary_color"}
+    assert embeddings.shape == (2, judge.config.embedding_dim)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+    assert set(predicted) == {"shape", "texture", "colors"}
+    # One colour for a subject read as solid, two otherwise, in COLORS order.
+    assert all(len(c) == (1 if t == "solid" else 2) for c, t in zip(predicted["colors"], predicted["texture"]))
     with pytest.raises(FileNotFoundError, match="WorldJudge"):
         load_world_judge(tmp_path / "missing")
+
+    # Cut off after step 2 (the periodic checkpoint), then the same command again: the same weights.
+    def stop_at_step_3(message: str) -> None:
+        if message.startswith("[judge] step 3/"):
+            raise KeyboardInterrupt
+
+    cut = TrainJudgeConfig(output_dir=str(tmp_path / "cut"), checkpoint_every=2, log_every=1, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge(cut, log=stop_at_step_3)
+    train_judge(cut, log=lambda message: None)
+    resumed = load_world_judge(tmp_path / "cut")
+    for (name, value), other in zip(judge.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(value, other), name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,7 +186,10 @@ def test_ablations_switch_the_papers_terms(tmp_path: Path):
         "cross_frame+macl": (False, False, True, False),
         "cross_frame+location": (False, False, False, True),
         "full": (False, True, True, True),
+        "full (MACL: similarity)": (False, True, True, True),
     }
+    assert configs["full (MACL: similarity)"].macl_appearance_scaling == "similarity"
+    assert configs["full"].macl_appearance_scaling == "soft_targets"
     assert len({(c.max_train_steps, c.learning_rate, c.train_batch_size, c.seed) for c in configs.values()}) == 1
 
 
@@ -191,30 +219,36 @@ def test_demo_trains_generates_and_reports(tmp_path: Path):
     assert Image.open(report / "grid.png").size[0] > 64 * 3
 
 
-def test_benchmark_smoke_runs_every_ablation_and_resumes(tmp_path: Path, monkeypatch):
+def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, monkeypatch):
     results = benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "self_reconstruction,full"])
-    rows = results["rows"]
-    assert set(rows) == {"base model (no subject)", "self_reconstruction", "full", "real renders"}
+    assert results["seeds"] == 2 and set(results["runs"]) == {"self_reconstruction", "full"}
+    metrics = {"identity_acc", "shape_acc", "colour_acc", "texture_acc", "controllability", "similarity"}
+    for row in (results["runs"]["full"], results["base_model"], results["real_renders"]):
+        assert metrics <= set(row)
+        for name in metrics:
+            assert row[name]["low"] <= row[name]["mean"] <= row[name]["high"], name
+    assert results["real_renders"]["controllability"]["mean"] == 1.0
+    assert 0.0 <= results["runs"]["full"]["s_plus_retrieval"]["mean"] <= 1.0
+    assert len(results["runs"]["full"]["s_plus_retrieval_per_layer"]) == 7
     assert [p["scale"] for p in results["sweeps"]["full"]] == [0.5, 1.0]
-    assert "loss_cscl" in rows["full"] and "loss_cscl" not in rows["self_reconstruction"]
+    assert "loss_cscl" in results["runs"]["full"] and "loss_cscl" not in results["runs"]["self_reconstruction"]
     for name in ("results.json", "results.md", "tradeoff.png", "loss_curves.png", "samples.png"):
         assert (tmp_path / name).is_file(), name
     assert "| self_reconstruction |" in (tmp_path / "results.md").read_text()
 
-    # A second invocation reuses the stored runs and trains only the new one.
+    # A second invocation reuses the stored runs and trains only the new one (once per seed).
     trained = []
     real_train = benchmark.train
     monkeypatch.setattr(benchmark, "train", lambda config: trained.append(config.output_dir) or real_train(config))
     again = benchmark.main(
         ["--smoke", "--output_dir", str(tmp_path), "--variants", "self_reconstruction,full", "--loss_weights", "0.5"]
     )
-    assert [Path(p).name for p in trained] == ["full_lambda_0.5"]
-    assert again["rows"]["full"] == rows["full"]
-    assert again["rows"]["full (lambda=0.5)"]["controllability"] >= 0.0
+    assert sorted(Path(p).parent.name for p in trained) == ["full_lambda_0.5"] * 2
+    assert again["runs"]["full"] == results["runs"]["full"]
 
     # A run cut short (its loss history incomplete) is trained again, even though older weights are there.
-    history = tmp_path / "runs" / "full" / "loss_history.jsonl"
+    history = tmp_path / "runs" / "full" / "seed_0" / "loss_history.jsonl"
     history.write_text(history.read_text().splitlines()[0] + "\n")
     trained.clear()
     benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "full"])
-    assert [Path(p).name for p in trained] == ["full"]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in trained] == ["runs/full/seed_0"]

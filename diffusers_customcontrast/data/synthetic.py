@@ -352,7 +352,7 @@ def render_view(subject: SyntheticSubject, view: View, size: int = 64) -> tuple[
     if view.brightness != 1.0:
         pixels = np.clip(np.round(pixels * view.brightness), 0, 255).astype(np.uint8)
     if view.style == "sketch":
-        pixels = _sketch(pixels)
+        pixels = sketch_pixels(pixels)
     return Image.fromarray(pixels), mask
 
 
@@ -422,8 +422,9 @@ def _draw_companion(pixels: np.ndarray, companion: Companion, center: tuple[floa
     return np.array(image)
 
 
-def _sketch(pixels: np.ndarray, edge_threshold: float = 40.0) -> np.ndarray:
-    """Pencil-sketch look: light grey shading of the luminance, dark lines where the colour changes."""
+def sketch_pixels(pixels: np.ndarray, edge_threshold: float = 40.0) -> np.ndarray:
+    """The sketch style of a rendered ``[H, W, 3]`` uint8 scene: light grey shading of the luminance, dark lines
+    where the colour changes (what :func:`render_view` draws for ``style="sketch"``)."""
     rgb = pixels.astype(np.float32)
     luminance = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     shaded = 255.0 - 0.5 * (255.0 - luminance)

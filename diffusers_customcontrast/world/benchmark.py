@@ -1,21 +1,27 @@
-"""The paper's claims measured on the synthetic world: ablation runs of one budget, scale sweeps, table and plots.
+"""The paper's claims measured on the synthetic world: ablation runs with several seeds, intervals, sweeps, plots.
 
 ::
 
-    python -m diffusers_customcontrast.world.benchmark --output_dir runs/world-benchmark       # ~50 min, 1 CPU thread
-    python -m diffusers_customcontrast.world.benchmark --output_dir /tmp/smoke --smoke        # seconds
+    python -m diffusers_customcontrast.world.benchmark --output_dir runs/world-benchmark   # ~2 h on 2 CPU cores
+    python -m diffusers_customcontrast.world.benchmark --output_dir /tmp/smoke --smoke    # seconds
 
 Each run of :data:`~diffusers_customcontrast.world.recipe.ABLATIONS` trains an adapter with the real trainer on the
-same world, for the same number of steps with the same seed, and is scored on the held-out subjects
-(:mod:`~diffusers_customcontrast.world.evaluation`) at scale 1 (visual branch and S+ tokens); the runs in
-``--sweep`` are also scored at every ``--sweep_scales`` value, which draws their similarity / controllability
-trade-off curves. Two reference rows frame the numbers: the base model without a subject and *real renders*, the
-world's own pictures of each held-out subject in the prompted scenes (what a perfect adapter would give).
+same world for the same budget, once per seed (the seed sets the training's draws and the generations' noise), and
+is scored on the held-out subjects (:mod:`~diffusers_customcontrast.world.evaluation`) at scale 1 (visual branch and
+S+ tokens); the runs in ``--sweep`` are also scored at every ``--sweep_scales`` value (the similarity /
+controllability trade-off). Every figure is a mean with a 95 % bootstrap interval over subjects and seeds
+(:mod:`.intervals`). Two reference rows frame them: the base model without a subject and *real renders*, the world's
+own pictures of each subject in the prompted scenes (what a perfect adapter would give).
 
-Written to ``output_dir``: ``results.json``, ``results.md`` (the table), ``tradeoff.png``, ``loss_curves.png``,
-``samples.png`` (reference and generations of a few subjects per run) and ``runs/<name>/`` (each adapter and its
-generated images). Trained adapters and generated images are reused when a rerun would make them the same way, so
-an interrupted benchmark continues where it stopped and a change of metric costs only the scoring.
+The paper's t-SNE figure (S+ tokens of one subject cluster across views with MACL) becomes a number: for each run,
+the held-out subjects' photo frames are encoded, and ``s_plus_retrieval`` is the fraction of frames whose nearest
+other frame by each layer's pooled S+ tokens belongs to the same subject (averaged over layers; chance about 2 %).
+
+Written to ``output_dir``: ``results.json`` (``{"seeds", "runs", "base_model", "real_renders", "sweeps", ...}``),
+``results.md`` (the tables), ``tradeoff.png``, ``loss_curves.png``, ``samples.png`` and ``runs/<name>/seed_<s>/``
+(each adapter and its generated images). Trainings and generations run in ``--workers`` processes; adapters and
+images are reused when a rerun would make them the same way, so an interrupted benchmark continues where it stopped
+and a change of metric costs only the scoring.
 """
 
 from __future__ import annotations
@@ -25,19 +31,22 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import re
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..evaluation.report import plot_scale_sweep
 from ..loading import load_customcontrast, set_customcontrast_scale, unload_customcontrast
+from ..modeling.adapter import CustomContrastAdapter
 from ..serialization import WEIGHTS_NAME
 from ..training import TrainingConfig, train
 from ..training.export import LOSS_HISTORY_NAME, LossHistory
@@ -45,25 +54,30 @@ from ..training.trainer import TRAINING_CONFIG_NAME
 from .base_model import load_synthetic_base
 from .dataset import World, load_world, write_world
 from .evaluation import (
+    ImageScores,
     WorldPrompt,
     evaluation_prompts,
     generate_world_images,
+    judge_world_images,
     reference_image,
     render_prompt,
-    score_world_images,
 )
+from .intervals import bootstrap_intervals, interval
 from .judge import load_world_judge
 from .metrics import SubjectGallery
 from .recipe import ABLATIONS, world_training_config
-from .report import image_grid, plot_loss_curves, scores_table
+from .report import image_grid, intervals_table, plot_intervals_tradeoff, plot_loss_curves
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenchmarkSettings", "run_benchmark"]
+__all__ = ["BenchmarkSettings", "run_benchmark", "s_plus_retrieval"]
 
 RESULTS_FILE = "results.json"
 GENERATION_RECORD = "generation.json"
 SAMPLE_SUBJECTS = 3
+BASE_MODEL = "base model (no subject)"
+REAL_RENDERS = "real renders"
+PROMPT_SEED_STRIDE = 100_000  # prompt seeds of benchmark seed s start at s * stride: no two seeds share a noise
 
 
 @dataclass
@@ -72,6 +86,8 @@ class BenchmarkSettings:
 
     output_dir: Path
     variants: tuple[str, ...] = tuple(ABLATIONS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    workers: int = 2
     max_train_steps: int = 400
     num_train_subjects: int = 300
     num_heldout_subjects: int = 50
@@ -85,16 +101,20 @@ class BenchmarkSettings:
     loss_weights: tuple[float, ...] = ()
     """Extra runs of the full method with lambda_cscl = lambda_macl = lambda_loc set to each value (tuning)."""
     training_overrides: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    world_seed: int = 0
+    retrieval_timestep: int = 500
+    """Diffusion timestep at which S+ tokens are compared for ``s_plus_retrieval``."""
 
     @classmethod
     def smoke(cls, output_dir: Path) -> BenchmarkSettings:
-        """A few seconds of everything: a tiny world, two training steps per run, two inference steps."""
+        """A few seconds of everything: a tiny world, two seeds, two training steps per run, two inference steps."""
         return cls(
             output_dir=output_dir,
+            seeds=(0, 1),
+            workers=1,
             max_train_steps=2,
             num_train_subjects=8,
-            num_heldout_subjects=2,
+            num_heldout_subjects=3,
             frames_per_subject=3,
             eval_subjects=2,
             scenes_per_subject=2,
@@ -113,73 +133,128 @@ class BenchmarkSettings:
             runs[f"full (lambda={weight:g})"] = {"lambda_cscl": weight, "lambda_macl": weight, "lambda_loc": weight}
         return runs
 
+    def scales(self, run: str) -> list[float]:
+        return sorted({1.0, *(self.sweep_scales if run in self.sweep else ())})
+
+    def prompts(self, world: World, seed: int) -> list[WorldPrompt]:
+        return evaluation_prompts(
+            world,
+            num_subjects=self.eval_subjects,
+            scenes_per_subject=self.scenes_per_subject,
+            seed=seed * PROMPT_SEED_STRIDE,
+        )
+
+    def run_dir(self, run: str, seed: int) -> Path:
+        return Path(self.output_dir) / "runs" / _slug(run) / f"seed_{seed}"
+
 
 def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
-    """Train, generate and score every run, then write the table and figures. Returns what ``results.json`` holds.
+    """Train, generate and score every run and seed, then write the tables and figures; returns ``results.json``.
 
-    Adapters and generated images are kept in ``output_dir``: a run already trained with the same configuration is
-    not trained again, images already generated with the same prompts and settings are not generated again, and
-    the scores are always computed afresh from the images (so a better metric only needs a rerun).
+    A run already trained with the same configuration is not trained again, images already generated with the same
+    prompts and settings are not generated again, and the scores are always computed afresh from the images.
     """
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     world = _world(output_dir / "world", settings)
-    prompts = evaluation_prompts(
-        world, num_subjects=settings.eval_subjects, scenes_per_subject=settings.scenes_per_subject
-    )
+    runs = settings.runs()
+    jobs = [(None, {}, seed) for seed in settings.seeds]
+    jobs += [(name, overrides, seed) for name, overrides in runs.items() for seed in settings.seeds]
+    _run_jobs(settings, jobs)
+
     judge = load_world_judge()
     gallery = SubjectGallery.from_world(world, judge)
     pipe = load_synthetic_base()
 
-    def scores(images: list[Image.Image]) -> dict[str, Any]:
-        return score_world_images(images, prompts, judge, gallery, world).to_dict()
+    def judged(run: str | None, seed: int, scale: float) -> ImageScores:
+        images = _generations(settings, world, run, seed, scale, pipe=None)
+        return judge_world_images(images, settings.prompts(world, seed), judge, gallery, world)
 
-    runs = settings.runs()
-    renders = [render_prompt(world, p) for p in prompts]
-    base = _generations(pipe, world, prompts, output_dir / "base_model", (0.0,), settings)[0.0]
+    renders = {seed: [render_prompt(world, p) for p in settings.prompts(world, seed)] for seed in settings.seeds}
     results: dict[str, Any] = {
+        "seeds": len(settings.seeds),
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
-        "rows": {"base model (no subject)": {"scale": 0.0, **scores(base)}},
+        "base_model": bootstrap_intervals([judged(None, seed, 0.0) for seed in settings.seeds]),
+        "real_renders": bootstrap_intervals(
+            [
+                judge_world_images(renders[seed], settings.prompts(world, seed), judge, gallery, world)
+                for seed in settings.seeds
+            ]
+        ),
+        "runs": {},
         "sweeps": {},
     }
-    samples = {"base model (no subject)": base}
-    for name, overrides in tqdm(runs.items(), desc="benchmark runs"):
-        run_dir = output_dir / "runs" / _slug(name)
-        config = world_training_config(
-            world.split_dir("train"),
-            run_dir,
-            max_train_steps=settings.max_train_steps,
-            seed=settings.seed,
-            **{**settings.training_overrides, **overrides},
-        )
-        if not _trained_with(config) and train(config).interrupted:
-            # SIGTERM: the trainer saved a checkpoint and returned; stop here rather than go on to the next run.
-            raise SystemExit(f"Stopped while training {name!r}; run the same command again to start it over.")
-        scales = sorted({1.0, *(settings.sweep_scales if name in settings.sweep else ())})
-        generated = _generations(pipe, world, prompts, run_dir / "generations", scales, settings, adapter=run_dir)
-        scored = {scale: scores(images) for scale, images in generated.items()}
-        results["rows"][name] = {"scale": 1.0, **scored[1.0], **_run_summary(run_dir)}
-        results["sweeps"][name] = [{"scale": scale, **point} for scale, point in scored.items()]
-        samples[name] = generated[1.0]
-    results["rows"]["real renders"] = {"scale": None, **scores(renders)}
-    _write_report(output_dir, results, runs, world, prompts, renders, samples)
+    for name in tqdm(runs, desc="scoring runs"):
+        per_scale = {
+            scale: bootstrap_intervals([judged(name, seed, scale) for seed in settings.seeds])
+            for scale in settings.scales(name)
+        }
+        retrieval = [s_plus_retrieval(settings.run_dir(name, seed), world, pipe, settings) for seed in settings.seeds]
+        results["runs"][name] = {
+            **per_scale[1.0],
+            "s_plus_retrieval": interval(*_stack_cells(retrieval)),
+            "s_plus_retrieval_per_layer": np.mean([r["per_layer"] for r in retrieval], axis=0).tolist(),
+            **_run_summary([settings.run_dir(name, seed) for seed in settings.seeds]),
+        }
+        if len(per_scale) > 1:
+            results["sweeps"][name] = [{"scale": scale, **point} for scale, point in per_scale.items()]
+    _write_report(output_dir, results, runs, world, settings, renders)
     return results
 
 
-def _generations(
-    pipe,
-    world: World,
-    prompts: Sequence[WorldPrompt],
-    folder: Path,
-    scales: Sequence[float],
-    settings: BenchmarkSettings,
-    adapter: Path | None = None,
-) -> dict[float, list[Image.Image]]:
-    """The images of ``prompts`` at each adapter scale: read from ``folder`` if made the same way, else generated.
+# ------------------------------------------------------------------------------------------------------------------
+# Jobs: one training (if needed) and the generations of one run and seed, in worker processes
+# ------------------------------------------------------------------------------------------------------------------
 
-    Without ``adapter`` the base pipeline generates (no subject). Images are stored as PNG (lossless), with a
-    ``generation.json`` that records the prompts and sampler settings they were made with.
+
+def _run_jobs(settings: BenchmarkSettings, jobs: list[tuple[str | None, dict[str, Any], int]]) -> None:
+    """Run every (run, overrides, seed) job, in ``settings.workers`` processes (``run=None``: the base model)."""
+    if settings.workers <= 1:
+        for job in tqdm(jobs, desc="benchmark jobs"):
+            _job(settings, *job)
+        return
+    # spawn, not fork: a forked child would inherit this process's torch threads and accelerate state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
+        futures = [pool.submit(_job, settings, *job) for job in jobs]
+        for future in tqdm(futures, desc="benchmark jobs"):
+            future.result()
+
+
+def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any], seed: int) -> None:
+    torch.set_num_threads(1)  # one thread per process is fastest on these shared cores (docs/synthetic_world.md)
+    world = load_world(Path(settings.output_dir) / "world")
+    if run is None:
+        _generations(settings, world, None, seed, 0.0, pipe=load_synthetic_base())
+        return
+    config = world_training_config(
+        world.split_dir("train"),
+        settings.run_dir(run, seed),
+        max_train_steps=settings.max_train_steps,
+        seed=seed,
+        **{**settings.training_overrides, **overrides},
+    )
+    if not _trained_with(config) and train(config).interrupted:
+        # SIGTERM: the trainer saved a checkpoint and returned; stop rather than go on with an unfinished adapter.
+        raise SystemExit(f"Stopped while training {run!r} (seed {seed}); run the same command again to resume.")
+    pipe = load_synthetic_base()
+    for scale in settings.scales(run):
+        _generations(settings, world, run, seed, scale, pipe)
+
+
+def _generations(
+    settings: BenchmarkSettings, world: World, run: str | None, seed: int, scale: float, pipe
+) -> list[Image.Image]:
+    """The images of one run, seed and scale: read back if made the same way, else generated with ``pipe``.
+
+    ``run=None`` is the base pipeline without a subject. Images are stored as PNG (lossless), with a
+    ``generation.json`` recording the prompts, sampler settings and adapter weights they were made with.
     """
+    prompts = settings.prompts(world, seed)
+    adapter = settings.run_dir(run, seed) if run is not None else None
+    folder = (
+        (adapter or Path(settings.output_dir) / "base_model" / f"seed_{seed}") / "generations" / f"scale_{scale:g}"
+    )
     record = {
         "prompts": [dataclasses.asdict(p) for p in prompts],
         "num_inference_steps": settings.num_inference_steps,
@@ -187,28 +262,28 @@ def _generations(
         "scaled": "visual branch and S+ tokens",
         "adapter_weights": _file_digest(adapter / WEIGHTS_NAME) if adapter else None,
     }
-    images = {scale: _stored_images(folder / f"scale_{scale:g}", record) for scale in scales}
-    missing = [scale for scale, stored in images.items() if stored is None]
-    if not missing:
-        return images
+    stored = _stored_images(folder, record)
+    if stored is not None:
+        return stored
+    if pipe is None:
+        raise RuntimeError(f"expected generated images in '{folder}' (the benchmark's jobs write them), found none")
     if adapter is not None:
         load_customcontrast(pipe, adapter)
+        set_customcontrast_scale(pipe, scale, s_plus_scale=scale)
     try:
-        for scale in missing:
-            if adapter is not None:
-                set_customcontrast_scale(pipe, scale, s_plus_scale=scale)
-            images[scale] = generate_world_images(
-                pipe,
-                world,
-                prompts,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                use_subject=adapter is not None,
-            )
-            _store_images(folder / f"scale_{scale:g}", images[scale], record)
+        images = generate_world_images(
+            pipe,
+            world,
+            prompts,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            use_subject=adapter is not None,
+            progress=False,
+        )
     finally:
         if adapter is not None:
             unload_customcontrast(pipe)
+    _store_images(folder, images, record)
     return images
 
 
@@ -239,7 +314,7 @@ def _world(root: Path, settings: BenchmarkSettings) -> World:
         num_train_subjects=settings.num_train_subjects,
         num_heldout_subjects=settings.num_heldout_subjects,
         frames_per_subject=settings.frames_per_subject,
-        seed=settings.seed,
+        seed=settings.world_seed,
     )
 
 
@@ -263,13 +338,67 @@ def _effective(config: TrainingConfig) -> dict[str, Any]:
     return settings
 
 
-def _run_summary(run_dir: Path, last: int = 50) -> dict[str, float]:
-    """Mean of each loss term over the last ``last`` steps of a run (``loss_<term>``) and its training time."""
-    history = LossHistory.read(run_dir)
-    terms = ("diffusion", "cscl", "macl", "location")
-    summary = {f"loss_{t}": float(np.mean([e[t] for e in history[-last:]])) for t in terms if t in history[-1]}
-    summary["train_seconds"] = round(sum(e.get("seconds", 0.0) for e in history))
+def _run_summary(run_dirs: Sequence[Path], last: int = 50) -> dict[str, float]:
+    """Mean over seeds of each loss term over the last ``last`` steps (``loss_<term>``) and of the training time."""
+    histories = [LossHistory.read(run_dir) for run_dir in run_dirs]
+    terms = [t for t in ("diffusion", "cscl", "macl", "location") if t in histories[0][-1]]
+    summary = {f"loss_{t}": float(np.mean([e[t] for h in histories for e in h[-last:]])) for t in terms}
+    summary["train_seconds"] = round(float(np.mean([sum(e.get("seconds", 0.0) for e in h) for h in histories])))
     return summary
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The S+ space: does a subject keep its tokens across views?
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def s_plus_retrieval(adapter_dir: Path, world: World, pipe, settings: BenchmarkSettings) -> dict[str, Any]:
+    """Same-subject retrieval across frames from each layer's pooled S+ tokens, on the held-out photo frames.
+
+    Every photo frame of the evaluated held-out subjects is segmented as a reference; for each layer, a frame's
+    nearest other frame (cosine of the S+ tokens averaged over tokens) is a hit when it shows the same subject.
+    Returns ``{"subject_ids", "hits"}`` (per frame, the fraction of layers with a hit) and ``"per_layer"``.
+    """
+    adapter = CustomContrastAdapter.from_pretrained(adapter_dir).eval()
+    subject_ids = list(dict.fromkeys(p.subject_id for p in settings.prompts(world, 0)))
+    frames = [
+        (sid, position)
+        for sid in subject_ids
+        for position, info in enumerate(world.frames(sid))
+        if info.view.style == "photo"
+    ]
+    images = [reference_image(world, sid, position) for sid, position in frames]
+    pixels = pipe.feature_extractor(images=images, return_tensors="pt").pixel_values
+    features = pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    timesteps = torch.full((len(images),), settings.retrieval_timestep)
+    tokens = F.normalize(adapter(features, timesteps).s_plus.mean(dim=2), dim=-1)  # [frames, layers, D]
+    similarity = torch.einsum("ild,jld->lij", tokens, tokens)
+    similarity.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
+    owners = torch.tensor([subject_ids.index(sid) for sid, _ in frames])
+    hits = (owners[similarity.argmax(dim=-1)] == owners).float()  # [layers, frames]
+    return {
+        "subject_ids": [sid for sid, _ in frames],
+        "hits": hits.mean(dim=0).tolist(),
+        "per_layer": hits.mean(dim=1).tolist(),
+    }
+
+
+def _stack_cells(per_seed: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per (seed, subject) sums and counts of :func:`s_plus_retrieval` hits, for :func:`~.intervals.interval`."""
+    subjects = list(dict.fromkeys(per_seed[0]["subject_ids"]))
+    sums = np.zeros((len(per_seed), len(subjects)))
+    counts = np.zeros_like(sums)
+    for s, result in enumerate(per_seed):
+        for sid, hit in zip(result["subject_ids"], result["hits"]):
+            sums[s, subjects.index(sid)] += hit
+            counts[s, subjects.index(sid)] += 1
+    return sums, counts
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def _write_report(
@@ -277,32 +406,30 @@ def _write_report(
     results: dict[str, Any],
     runs: dict[str, dict[str, Any]],
     world: World,
-    prompts: Sequence[WorldPrompt],
-    renders: Sequence[Image.Image],
-    samples: dict[str, list[Image.Image]],
+    settings: BenchmarkSettings,
+    renders: dict[int, list[Image.Image]],
 ) -> None:
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    rows = results["rows"]
-    order = ["base model (no subject)", *runs, "real renders"]
-    table = scores_table(
-        [(name, rows[name]) for name in order if name in rows],
-        extra=(("L_diff (last 50)", "loss_diffusion"), ("train s", "train_seconds")),
+    rows = [(BASE_MODEL, results["base_model"]), *results["runs"].items(), (REAL_RENDERS, results["real_renders"])]
+    sweeps = [
+        (f"{name} @ {point['scale']:g}", point) for name, points in results["sweeps"].items() for point in points
+    ]
+    table = "\n\n".join(
+        [
+            intervals_table(rows, extra=(("S+ retrieval", "s_plus_retrieval"),)),
+            intervals_table(sweeps, first_column="run @ scale"),
+        ]
     )
     (output_dir / "results.md").write_text(table + "\n", encoding="utf-8")
-    curves = {name: results["sweeps"][name] for name in runs if name in results["sweeps"]}
-    for name in ("base model (no subject)", "real renders"):
-        curves[name] = [{**rows[name], "scale": None}]
-    plot_scale_sweep(
-        curves,
-        output_dir / "tradeoff.png",
-        "controllability",
-        "subject_similarity",
-        "subject_similarity",
-        title="Synthetic world: held-out subjects",
-    )
-    histories = {name: LossHistory.read(output_dir / "runs" / _slug(name)) for name in runs}
+    curves = {name: results["sweeps"].get(name, [{"scale": 1.0, **results["runs"][name]}]) for name in runs}
+    references = {BASE_MODEL: results["base_model"], REAL_RENDERS: results["real_renders"]}
+    plot_intervals_tradeoff(curves, references, output_dir / "tradeoff.png", "controllability", "similarity")
+    first = settings.seeds[0]
+    histories = {name: LossHistory.read(settings.run_dir(name, first)) for name in runs}
     plot_loss_curves(histories, output_dir / "loss_curves.png")
-    _sample_grid(output_dir / "samples.png", world, prompts, renders, samples)
+    samples = {BASE_MODEL: _generations(settings, world, None, first, 0.0, pipe=None)}
+    samples.update({name: _generations(settings, world, name, first, 1.0, pipe=None) for name in runs})
+    _sample_grid(output_dir / "samples.png", world, settings.prompts(world, first), renders[first], samples)
     logger.info("Results:\n%s\nwritten to %s", table, output_dir)
 
 
@@ -318,7 +445,7 @@ def _sample_grid(
     chosen = [i for i, p in enumerate(prompts) if p.subject_id in subject_ids]
     references = [reference_image(world, sid) for sid in subject_ids]
     rows = [[*references, *(renders[i] for i in chosen)]]
-    labels = ["real renders"]
+    labels = [REAL_RENDERS]
     for name, images in samples.items():
         rows.append([*references, *(images[i] for i in chosen)])
         labels.append(name)
@@ -331,31 +458,36 @@ def _slug(name: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="world-benchmark")
+    defaults = BenchmarkSettings(Path("world-benchmark"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], prog="python -m diffusers_customcontrast.world.benchmark"
+    )
+    parser.add_argument("--output_dir", default="world-benchmark", help="where everything is written")
     parser.add_argument("--smoke", action="store_true", help="tiny world and two steps per run (checks the plumbing)")
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated runs of ABLATIONS")
-    parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--eval_subjects", type=int, default=None)
+    parser.add_argument("--seeds", default=None, help=f"comma-separated seeds (default {defaults.seeds})")
+    parser.add_argument("--workers", type=int, default=None, help=f"processes (default {defaults.workers})")
+    parser.add_argument("--max_train_steps", type=int, default=None, help=f"default {defaults.max_train_steps}")
+    parser.add_argument("--eval_subjects", type=int, default=None, help=f"default {defaults.eval_subjects}")
     parser.add_argument("--sweep", default=None, help="comma-separated runs also scored at every sweep scale")
     parser.add_argument("--sweep_scales", default=None, help="comma-separated adapter scales")
     parser.add_argument("--loss_weights", default="", help="comma-separated extra lambdas for the full method")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/synthetic_world.md)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     settings = (
         BenchmarkSettings.smoke(Path(args.output_dir)) if args.smoke else BenchmarkSettings(Path(args.output_dir))
     )
     settings.variants = tuple(v for v in args.variants.split(",") if v)
     settings.loss_weights = tuple(float(w) for w in args.loss_weights.split(",") if w)
-    if args.max_train_steps is not None:
-        settings.max_train_steps = args.max_train_steps
-    if args.eval_subjects is not None:
-        settings.eval_subjects = args.eval_subjects
+    if args.seeds is not None:
+        settings.seeds = tuple(int(s) for s in args.seeds.split(","))
+    for name in ("workers", "max_train_steps", "eval_subjects"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
     if args.sweep is not None:
         settings.sweep = tuple(v for v in args.sweep.split(",") if v)
     if args.sweep_scales is not None:
         settings.sweep_scales = tuple(float(s) for s in args.sweep_scales.split(","))
+    torch.set_num_threads(1)
     return run_benchmark(settings)
 
 

@@ -30,15 +30,17 @@ from ..data.synthetic import BACKGROUNDS, caption_for, render_view, sample_scene
 from ..data.transforms import binarize_mask, subject_crop
 from ..loading import set_customcontrast_scale
 from .dataset import World
-from .judge import WorldJudge, load_world_judge
+from .judge import WorldJudge, colors_of, load_world_judge
 from .metrics import SubjectGallery, scene_obeyed
 
 __all__ = [
+    "ImageScores",
     "WorldPrompt",
     "WorldScores",
     "evaluate_on_world",
     "evaluation_prompts",
     "generate_world_images",
+    "judge_world_images",
     "reference_image",
     "render_prompt",
     "score_world_images",
@@ -73,7 +75,7 @@ class WorldScores:
     sketch_accuracy: float
     """Controllability of the sketch prompts: no colour."""
     color_accuracy: float
-    """Fraction of photo generations whose main colour the judge reads as the subject's."""
+    """Fraction of photo generations in which the judge reads the subject's colours (all of them, and no other)."""
     shape_accuracy: float
     """Fraction of generations whose shape the judge reads as the subject's (the base model draws no shapes)."""
     texture_accuracy: float
@@ -155,6 +157,68 @@ def generate_world_images(
     return images
 
 
+@dataclass(frozen=True)
+class ImageScores:
+    """What the judge and the scene readers read in each image of a set of generations (one entry per image).
+
+    The unit for statistics: :meth:`summary` averages it into :class:`WorldScores`, and
+    :mod:`~diffusers_customcontrast.world.intervals` resamples its subjects for confidence intervals.
+    """
+
+    subject_ids: tuple[str, ...]
+    sketch: np.ndarray  # bool: the prompt asked for a sketch
+    similarity: np.ndarray  # cosine to the subject's identity embedding
+    identified: np.ndarray  # bool: the nearest identity is the subject's own
+    obeyed: np.ndarray  # bool: the prompted scene is there
+    color: np.ndarray  # bool: the subject's colours read right (meaningful for photos only)
+    shape: np.ndarray  # bool
+    texture: np.ndarray  # bool
+
+    def summary(self) -> WorldScores:
+        photo = ~self.sketch
+        return WorldScores(
+            subject_similarity=float(self.similarity.mean()),
+            subject_similarity_se=_standard_error_over_subjects(self.similarity, self.subject_ids),
+            identity_accuracy=float(self.identified.mean()),
+            controllability=float(self.obeyed.mean()),
+            background_accuracy=_mean(self.obeyed[photo]),
+            sketch_accuracy=_mean(self.obeyed[self.sketch]),
+            color_accuracy=_mean(self.color[photo]),
+            shape_accuracy=float(self.shape.mean()),
+            texture_accuracy=float(self.texture.mean()),
+            num_images=len(self.subject_ids),
+        )
+
+
+def judge_world_images(
+    images: Sequence[Image.Image],
+    prompts: Sequence[WorldPrompt],
+    judge: WorldJudge,
+    gallery: SubjectGallery,
+    world: World,
+) -> ImageScores:
+    """Per-image identity, attribute and scene readings of generations for ``prompts``."""
+    if len(images) != len(prompts):
+        raise ValueError(f"expected one image per prompt, got {len(images)} images for {len(prompts)} prompts")
+    subject_ids = tuple(p.subject_id for p in prompts)
+    embeddings, predicted = judge.judge(images)
+    subjects = [world.subjects[sid] for sid in subject_ids]
+
+    def agree(attribute: str, truth=getattr) -> np.ndarray:
+        return np.array([guess == truth(s, attribute) for guess, s in zip(predicted[attribute], subjects)])
+
+    return ImageScores(
+        subject_ids=subject_ids,
+        sketch=np.array([p.style == "sketch" for p in prompts]),
+        similarity=gallery.similarity(embeddings, subject_ids).numpy(),
+        identified=gallery.identified(embeddings, subject_ids).numpy(),
+        obeyed=np.array([scene_obeyed(image, p.background, p.style) for image, p in zip(images, prompts)]),
+        color=agree("colors", lambda subject, _: colors_of(subject)),
+        shape=agree("shape"),
+        texture=agree("texture"),
+    )
+
+
 def score_world_images(
     images: Sequence[Image.Image],
     prompts: Sequence[WorldPrompt],
@@ -163,32 +227,7 @@ def score_world_images(
     world: World,
 ) -> WorldScores:
     """Subject similarity, identity and attribute accuracy, and controllability of generations for ``prompts``."""
-    if len(images) != len(prompts):
-        raise ValueError(f"expected one image per prompt, got {len(images)} images for {len(prompts)} prompts")
-    subject_ids = [p.subject_id for p in prompts]
-    embeddings, predicted = judge.judge(images)
-    subjects = [world.subjects[sid] for sid in subject_ids]
-    obeyed = np.array([scene_obeyed(image, p.background, p.style) for image, p in zip(images, prompts)])
-    sketch = np.array([p.style == "sketch" for p in prompts])
-
-    def agree(attribute: str, rows: np.ndarray) -> float:
-        hits = [predicted[attribute][i] == getattr(subjects[i], attribute) for i in np.flatnonzero(rows)]
-        return float(np.mean(hits)) if hits else float("nan")
-
-    everything = np.ones(len(prompts), dtype=bool)
-    similarity = gallery.similarity(embeddings, subject_ids).numpy()
-    return WorldScores(
-        subject_similarity=float(similarity.mean()),
-        subject_similarity_se=_standard_error_over_subjects(similarity, subject_ids),
-        identity_accuracy=gallery.identified(embeddings, subject_ids).float().mean().item(),
-        controllability=float(obeyed.mean()),
-        background_accuracy=float(obeyed[~sketch].mean()) if (~sketch).any() else float("nan"),
-        sketch_accuracy=float(obeyed[sketch].mean()) if sketch.any() else float("nan"),
-        color_accuracy=agree("color", ~sketch),
-        shape_accuracy=agree("shape", everything),
-        texture_accuracy=agree("texture", everything),
-        num_images=len(images),
-    )
+    return judge_world_images(images, prompts, judge, gallery, world).summary()
 
 
 def evaluate_on_world(
@@ -218,6 +257,10 @@ def evaluate_on_world(
         images = generate_world_images(pipe, world, prompts, **generate_kwargs)
         results[scale] = (score_world_images(images, prompts, judge, gallery, world), images)
     return results
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _standard_error_over_subjects(values: np.ndarray, subject_ids: Sequence[str]) -> float:

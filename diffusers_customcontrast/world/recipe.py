@@ -8,12 +8,16 @@ benchmark, each a set of config overrides on top of it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from ..training import TrainingConfig
 from .base_model import IMAGE_SIZE, SYNTHETIC_BASE_DIR
 
-__all__ = ["ABLATIONS", "WORLD_ADAPTER", "world_training_config"]
+__all__ = ["ABLATIONS", "WORLD_ADAPTER", "WORLD_ADAPTER_DIR", "world_training_config"]
+
+WORLD_ADAPTER_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "world-adapter"
+"""Folder of the shipped trained adapter: the world benchmark's ``full`` run, seed 0 (``docs/world_benchmark.md``)."""
 
 WORLD_ADAPTER: dict[str, Any] = {
     "adapter_hidden_size": 64,
@@ -36,6 +40,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "cross_frame+macl": {"use_cscl": False, "use_macl": True, "use_location": False},
     "cross_frame+location": {"use_cscl": False, "use_macl": False, "use_location": True},
     "full": {},
+    # The full method with MACL's appearance scaling as the paper words it (issue 18), beside the default.
+    "full (MACL: similarity)": {"macl_appearance_scaling": "similarity"},
 }
 """The benchmark's runs: config overrides (on top of :func:`world_training_config`) that switch the paper's terms."""
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..evaluation.report import markdown_table
 
-__all__ = ["image_grid", "plot_loss_curves", "scores_table", "smoothed"]
+__all__ = ["image_grid", "intervals_table", "plot_intervals_tradeoff", "plot_loss_curves", "scores_table", "smoothed"]
 
 SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("subject similarity", "subject_similarity"),
@@ -26,6 +26,19 @@ SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("shape acc.", "shape_accuracy"),
 )
 """(title, key) of the score columns of :func:`scores_table`."""
+
+
+INTERVAL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("identity acc.", "identity_acc"),
+    ("shape acc.", "shape_acc"),
+    ("colour acc.", "colour_acc"),
+    ("texture acc.", "texture_acc"),
+    ("controllability", "controllability"),
+    ("background acc.", "background_acc"),
+    ("sketch acc.", "sketch_acc"),
+    ("similarity", "similarity"),
+)
+"""(title, metric) of the columns of :func:`intervals_table`: the metric names of the benchmark's ``results.json``."""
 
 
 def image_grid(
@@ -115,3 +128,63 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def intervals_table(
+    rows: Sequence[tuple[str, Mapping[str, Any]]], extra: Sequence[tuple[str, str]] = (), first_column: str = "run"
+) -> str:
+    """A markdown table of ``{metric: {"mean", "low", "high"}}`` rows: each cell ``mean [low, high]``."""
+    return markdown_table(
+        rows, (*INTERVAL_COLUMNS, *extra), first_column=first_column, formatter=_interval_cell
+    ).rstrip("\n")
+
+
+def _interval_cell(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return "-"
+    if np.isnan(value["mean"]):
+        return "-"
+    return f"{value['mean']:.3f} [{value['low']:.2f}, {value['high']:.2f}]"
+
+
+def plot_intervals_tradeoff(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    references: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike,
+    x_key: str,
+    y_key: str,
+) -> Path:
+    """Similarity against controllability with 95 % intervals as error bars, one line per run over its scales.
+
+    ``curves`` maps a run to its points ``{"scale", x_key: {"mean", "low", "high"}, ...}``; ``references`` are
+    single points (the base model, real renders).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def bars(points: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[list[float]]]:
+        means = [p[key]["mean"] for p in points]
+        return means, [
+            [m - p[key]["low"] for m, p in zip(means, points)],
+            [p[key]["high"] - m for m, p in zip(means, points)],
+        ]
+
+    figure = Figure(figsize=(6.5, 4.8))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, points in [*curves.items(), *((n, [p]) for n, p in references.items())]:
+        (xs, xerr), (ys, yerr) = bars(points, x_key), bars(points, y_key)
+        style = {"marker": "o"} if name in curves else {"marker": "s", "linestyle": "none"}
+        axes.errorbar(xs, ys, xerr=xerr, yerr=yerr, label=name, capsize=2, linewidth=1.2, **style)
+        for point, x, y in zip(points, xs, ys):
+            if point.get("scale") is not None and len(points) > 1:
+                axes.annotate(f"{point['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel(f"{x_key} (prompted scene present)")
+    axes.set_ylabel(f"{y_key} (identity cosine)")
+    axes.set_title("Synthetic world, held-out subjects (95 % intervals)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=140)
+    return path

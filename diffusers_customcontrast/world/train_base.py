@@ -341,9 +341,9 @@ def first_frame_retrieval(embeddings: torch.Tensor, subject_index: torch.Tensor,
     return float((subject_index[is_gallery][nearest] == subject_index[queries]).float().mean())
 
 
-def _views_by_subject(frames: TrainingFrames) -> list[torch.Tensor]:
-    # Only subjects with two colour (non-sketch) views can make a positive pair.
-    usable = ~frames.is_sketch
+def _views_by_subject(frames: TrainingFrames, colour_only: bool = True) -> list[torch.Tensor]:
+    """Each subject's frames (only its colour frames with ``colour_only``), for subjects with two or more."""
+    usable = ~frames.is_sketch if colour_only else torch.ones_like(frames.is_sketch)
     views = [
         torch.nonzero(usable & (frames.subject_index == s)).flatten()
         for s in range(int(frames.subject_index.max()) + 1)

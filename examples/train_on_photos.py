@@ -7,9 +7,13 @@
 
 Steps:
 
-1. The photos are copied into the subject-folder format of ``docs/data_format.md``:
-   ``<output>/train_data/<subject_id>/00.jpg, 01.jpg, ...`` and ``subject.json`` with the class name (and
-   ``caption.txt`` with ``--caption``; without it every photo's caption is "a photo of a <class_name>").
+1. The photos go through ``diffusers_customcontrast.prepare`` (``docs/data_preparation.md``): blurry photos and
+   near-duplicates are left out, an open-vocabulary detector given the class name and SAM on its box mask the subject
+   (``--detector``, ``--segmenter``; hub models, downloaded once), and photos where it is not found, too small or cut
+   by the border are left out too. The result is the subject-folder format of ``docs/data_format.md``:
+   ``<output>/train_data/<subject_id>/00.jpg, 01.png, ...``, ``masks/``, ``subject.json`` with the class name (and
+   ``caption.txt`` with ``--caption``; without it every photo's caption is "a photo of a <class_name>"), with a
+   ``summary.json`` and a ``contact_sheet.jpg`` of the masks to check. ``--no_masks`` skips the masks.
 2. The training configuration is written to ``<output>/run.yaml``.
 3. Training runs in this process through ``diffusers_customcontrast.training`` (``train(TrainingConfig...)``), exactly
    what ``python -m diffusers_customcontrast.train --config <output>/run.yaml`` does; ``--prepare_only`` stops before
@@ -17,16 +21,17 @@ Steps:
    (with ``image_encoder/``, validation images in ``<output>/validation/``), ready for ``pipe.load_customcontrast``.
 
 What training on one subject means. CustomContrast learns from many subjects: its contrastive losses (CSCL, MACL)
-compare the subjects of a batch with each other, and its location loss needs subject masks. With one subject and no
-masks none of them has anything to work with, so this script switches them off. What remains is the cross-view
-reconstruction loss: with one photo as the reference, denoise another photo of the same subject. Starting from a
-pre-trained adapter (``--adapter``, required), a few hundred steps at a small learning rate specialise it to this
-subject: closer likeness in details, like the per-subject tuning of DreamBooth-style methods, at the cost of
-generality. The result is an adapter for this subject (keep the original for other subjects), and it can overfit:
-when backgrounds or poses of the photos creep into every validation image, use fewer steps or a lower learning rate.
-Use 3 to 10 photos with varied views and backgrounds and the subject large in the frame; with a single photo the
-reconstruction target is the reference itself, which teaches copying. A general adapter is trained from scratch on
-many subjects with ``python -m diffusers_customcontrast.train`` (``docs/training.md``).
+compare the subjects of a batch with each other, so with one subject they have nothing to work with and this script
+switches them off. The location loss needs subject masks only: with the masks of step 1 it stays on, and keeps
+teaching the adapter where the subject is in the image (with ``--no_masks`` it is off too). What remains besides is
+the cross-view reconstruction loss: with one photo as the reference, denoise another photo of the same subject.
+Starting from a pre-trained adapter (``--adapter``, required), a few hundred steps at a small learning rate
+specialise it to this subject: closer likeness in details, like the per-subject tuning of DreamBooth-style methods,
+at the cost of generality. The result is an adapter for this subject (keep the original for other subjects), and it
+can overfit: when backgrounds or poses of the photos creep into every validation image, use fewer steps or a lower
+learning rate. Use 3 to 10 photos with varied views and backgrounds and the subject large in the frame; with a single
+photo the reconstruction target is the reference itself, which teaches copying. A general adapter is trained from
+scratch on many subjects with ``python -m diffusers_customcontrast.train`` (``docs/training.md``).
 
 Any field of the training configuration can be set with ``--set field=value`` (e.g. ``--set use_lora=true``,
 values read as YAML), on top of ``--config base.yaml`` if given.
@@ -45,18 +50,24 @@ from typing import Any
 import torch
 import yaml
 from _common import SD15_MODEL, add_runtime_arguments, make_parser, slug
-from PIL import Image
 
-from diffusers_customcontrast.data import IMAGE_EXTENSIONS
+from diffusers_customcontrast.data import DEFAULT_CAPTION_TEMPLATE, SubjectIndex, load_subject_folder
+from diffusers_customcontrast.prepare import (
+    DEFAULT_DETECTOR,
+    DEFAULT_SEGMENTER,
+    PrepareConfig,
+    PrepareConfigError,
+    SubjectMasker,
+    prepare_dataset,
+)
 from diffusers_customcontrast.serialization import AdapterLoadError, resolve_file
 from diffusers_customcontrast.training import ConfigError, TrainingConfig, TrainingResult, train
 
-# What one subject without masks allows, whatever --config says (--set can still change them).
+# What one subject allows, whatever --config says (--set can still change them); use_location follows the masks.
 ONE_SUBJECT: dict[str, Any] = {
     "train_batch_size": 1,  # a batch never holds a subject twice
     "use_cscl": False,  # no other subject to contrast with
     "use_macl": False,
-    "use_location": False,  # no masks
 }
 
 # Settings of a one-subject fine-tune (our choice, untuned); --config, the options below and --set override them.
@@ -71,37 +82,54 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def prepare_subject_folder(
-    photos: str | os.PathLike, data_root: str | os.PathLike, subject_id: str, class_name: str, caption: str | None
-) -> Path:
-    """Copy the photos of ``photos`` into ``data_root/subject_id/`` in the subject-folder format; returns that folder.
+def prepare_photos(
+    photos: str | os.PathLike,
+    data_root: str | os.PathLike,
+    subject_id: str,
+    class_name: str,
+    caption: str | None,
+    masks: bool = True,
+    detector: str = DEFAULT_DETECTOR,
+    segmenter: str = DEFAULT_SEGMENTER,
+    device: str | None = None,
+    masker: SubjectMasker | None = None,
+) -> SubjectIndex:
+    """Prepare the photos of ``photos`` into ``data_root/subject_id/`` (``diffusers_customcontrast.prepare``).
 
-    Files are taken in name order and renamed ``00.jpg``, ``01.png``, ...; unreadable images are skipped with a
-    message. An existing ``data_root/subject_id/`` is replaced.
+    Every usable photo is kept (``min_frames=1``, no cap on the number), masked unless ``masks`` is False (with
+    ``masker``, or the ``detector`` and ``segmenter`` models), captioned with the ``caption`` template. Returns the
+    index of the prepared subject; raises ``SystemExit`` with the summary when no photo is left. A subject prepared
+    before with the same settings is not prepared again (the run resumes): delete ``data_root`` to start over after
+    changing the photos themselves.
     """
-    files = sorted(p for p in Path(photos).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    subject_dir = Path(data_root) / subject_id
-    if subject_dir.exists():
-        shutil.rmtree(subject_dir)
-    subject_dir.mkdir(parents=True)
-    count = 0
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, SyntaxError) as error:
-            print(f"skipping {path}: not a readable image ({error})")
-            continue
-        shutil.copyfile(path, subject_dir / f"{count:02d}{path.suffix.lower()}")
-        count += 1
-    if count == 0:
-        raise SystemExit(f"No {'/'.join(IMAGE_EXTENSIONS)} image in {photos}.")
-    if count == 1:
+    data_root = Path(data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    listing = data_root.parent / "photos.jsonl"  # a one-line list: it names the subject
+    listing.write_text(json.dumps({"subject_id": subject_id, "photos": str(Path(photos).resolve())}) + "\n")
+    config = PrepareConfig(
+        input=str(listing),
+        output=str(data_root),
+        class_name=class_name,
+        min_frames=1,
+        max_frames=10_000,
+        masker="detect_segment" if masks else "none",
+        detector=detector,
+        segmenter=segmenter,
+        caption_template=caption or DEFAULT_CAPTION_TEMPLATE,
+        device=device,
+    )
+    try:
+        summary = prepare_dataset(config, masker=masker if masks else None)
+    except PrepareConfigError:  # prepared before with other photos, class name, caption or masks
+        print(f"{data_root} was prepared with other settings: preparing it again.")
+        shutil.rmtree(data_root)
+        summary = prepare_dataset(config, masker=masker if masks else None)
+    print(summary.format())
+    if summary.subjects_kept == 0:
+        raise SystemExit(f"No usable photo in {photos} (see {data_root / 'summary.json'}).")
+    if summary.frames_kept == 1:
         print("warning: one photo only; the reconstruction target is then the reference itself (see --help).")
-    (subject_dir / "subject.json").write_text(json.dumps({"class_name": class_name}), encoding="utf-8")
-    if caption:
-        (subject_dir / "caption.txt").write_text(caption, encoding="utf-8")
-    return subject_dir
+    return load_subject_folder(data_root)
 
 
 def adapter_image_encoder(adapter: str) -> str | None:
@@ -153,8 +181,11 @@ def device_environment(device: str | None) -> Iterator[None]:
             os.environ["ACCELERATE_USE_CPU"] = previous
 
 
-def main(argv: Sequence[str] | None = None) -> TrainingResult | Path:
-    """Prepare the data and configuration, train, and return the ``TrainingResult`` (the YAML path with --prepare_only)."""
+def main(argv: Sequence[str] | None = None, masker: SubjectMasker | None = None) -> TrainingResult | Path:
+    """Prepare the data and configuration, train, and return the ``TrainingResult`` (the YAML path with --prepare_only).
+
+    ``masker`` replaces the detector and segmenter models (any ``diffusers_customcontrast.prepare.SubjectMasker``).
+    """
     parser = make_parser(__doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--photos", required=True, help="Folder of photos (.jpg, .jpeg, .png, .webp) of ONE subject.")
@@ -162,6 +193,13 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult | Path:
     data.add_argument("--subject_id", default=None, help="Name of the subject folder (default: from --photos).")
     data.add_argument(
         "--caption", default=None, help="Caption template of the photos, e.g. 'a photo of a {class_name}'."
+    )
+    data.add_argument("--no_masks", action="store_true", help="Do not mask the subject (the location loss is off).")
+    data.add_argument(
+        "--detector", default=DEFAULT_DETECTOR, help=f"Detector of the masks (default {DEFAULT_DETECTOR})."
+    )
+    data.add_argument(
+        "--segmenter", default=DEFAULT_SEGMENTER, help=f"Segmenter of the masks (default {DEFAULT_SEGMENTER})."
     )
     models = parser.add_argument_group("models")
     models.add_argument("--pretrained_model", default=SD15_MODEL, help=f"Base pipeline (default: {SD15_MODEL}).")
@@ -207,8 +245,6 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult | Path:
 
     output = Path(args.output)
     subject_id = args.subject_id or slug(Path(args.photos).resolve().name, max_length=60)
-    prepare_subject_folder(args.photos, output / "train_data", subject_id, args.class_name, args.caption)
-
     base = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
     options = {
         "max_train_steps": args.max_train_steps,
@@ -222,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult | Path:
         **(base or {}),
         **{key: value for key, value in options.items() if value is not None},
         **ONE_SUBJECT,
+        "use_location": not args.no_masks,
         "pretrained_model_name_or_path": args.pretrained_model,
         "pretrained_adapter_name_or_path": args.adapter,
         "train_data": str(output / "train_data"),
@@ -235,12 +272,29 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult | Path:
     elif "image_encoder_path" not in run and (image_encoder := adapter_image_encoder(args.adapter)):
         run["image_encoder_path"] = image_encoder
     run.update(parse_set(args.set))
-    config_path = output / "run.yaml"
-    config_path.write_text(yaml.safe_dump(run, sort_keys=False, allow_unicode=True), encoding="utf-8")
     try:
-        config = TrainingConfig.from_yaml(config_path).validate()  # a bad --set fails here, before any model loads
+        TrainingConfig.from_dict(run).validate()  # a bad --set fails here, before any model loads
     except ConfigError as error:
         parser.error(str(error))
+
+    with device_environment(args.device):  # accelerate's state, set up here, must agree with the training's
+        index = prepare_photos(
+            args.photos,
+            output / "train_data",
+            subject_id,
+            args.class_name,
+            args.caption,
+            masks=not args.no_masks,
+            detector=args.detector,
+            segmenter=args.segmenter,
+            device=args.device,
+            masker=masker,
+        )
+    if not any(frame.has_mask for frame in index[subject_id]):
+        run["use_location"] = False  # no photo has a mask: the location loss has nothing to learn from
+    config_path = output / "run.yaml"
+    config_path.write_text(yaml.safe_dump(run, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    config = TrainingConfig.from_yaml(config_path)
     print(f"wrote {config_path}; the same run: python -m diffusers_customcontrast.train --config {config_path}")
     if args.prepare_only:
         return config_path

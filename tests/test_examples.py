@@ -297,7 +297,7 @@ def test_train_on_photos(example, sd15, tmp_path, fresh_accelerate_state):
     result = example("train_on_photos")(
         ["--photos", str(photos), "--class_name", "toy", "--pretrained_model", str(sd15["pipeline"]),
          "--adapter", str(sd15["adapter"]), "--resolution", "64", "--max_train_steps", "2", "--learning_rate", "1e-3",
-         "--validation_steps", "2", "--device", "cpu", "--dtype", "fp32", "--output", str(output),
+         "--validation_steps", "2", "--device", "cpu", "--dtype", "fp32", "--output", str(output), "--no_masks",
          "--validation_prompt", "a {class_name}", "--set", "report_to=none", "checkpointing_steps=null",
          "validation_num_inference_steps=2"]
     )  # fmt: skip
@@ -335,7 +335,7 @@ def test_train_on_photos_prepare_only_and_bad_field(example, sd15, tmp_path):
     make_subject_image(0).save(photos / "a.jpg")
     main = example("train_on_photos")
     common = ["--photos", str(photos), "--class_name", "toy", "--adapter", str(sd15["adapter"]),
-              "--output", str(tmp_path / "run")]  # fmt: skip
+              "--output", str(tmp_path / "run"), "--no_masks"]  # fmt: skip
     base = tmp_path / "base.yaml"  # a multi-subject configuration to start from
     base.write_text("train_batch_size: 8\nuse_cscl: true\nlearning_rate: 5.0e-5\nimage_encoder_path: my/encoder\n")
     config_path = main([*common, "--config", str(base), "--prepare_only", "--caption", "a photo of my {class_name}"])

@@ -14,7 +14,8 @@ for epoch in range(num_epochs):
         ...
 ```
 
-The formats are described in ``docs/data_format.md``.
+The formats are described in ``docs/data_format.md``; shards for many machines (``write_subject_shards``,
+``load_subject_shards``, ``ShardedSubjectBatchSampler``) in its section "Shards".
 """
 
 from .formats import (
@@ -30,6 +31,8 @@ from .formats import (
     load_subjects,
 )
 from .sampler import UniqueSubjectBatchSampler
+from .shard_sampler import ShardedSubjectBatchSampler
+from .shards import ShardedSubjectIndex, load_subject_shards, write_subject_shards
 from .synthetic import SyntheticSubject, make_subject, render_frame, write_synthetic_dataset
 from .triplets import BadDataError, SubjectTripletDataset, TripletDraw, UnusableFrameError, collate_triplets
 
@@ -40,6 +43,8 @@ __all__ = [
     "Frame",
     "ImageReadError",
     "ImageSource",
+    "ShardedSubjectBatchSampler",
+    "ShardedSubjectIndex",
     "SubjectIndex",
     "SubjectTripletDataset",
     "SyntheticSubject",
@@ -50,8 +55,10 @@ __all__ = [
     "load_hf_subjects",
     "load_subject_folder",
     "load_subject_manifest",
+    "load_subject_shards",
     "load_subjects",
     "make_subject",
     "render_frame",
+    "write_subject_shards",
     "write_synthetic_dataset",
 ]

@@ -307,7 +307,7 @@ def load_subject_manifest(path: str | os.PathLike) -> SubjectIndex:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest '{path}' does not exist")
-    records = [(number, _parse_manifest_line(line, path, number)) for number, line in _numbered_lines(path)]
+    records = [(number, _parse_manifest_record(record, path, number)) for number, record in read_json_lines(path)]
     if not records:
         raise ValueError(f"expected one JSON object per line in '{path}', got an empty manifest")
 
@@ -327,24 +327,32 @@ def load_subject_manifest(path: str | os.PathLike) -> SubjectIndex:
     return SubjectIndex(subjects)
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+def read_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON-lines file with their line numbers (blank lines skipped), read as they are iterated.
+
+    Raises:
+        ValueError: at a line that is not a JSON object (the message names the file and the line).
+    """
+    path = Path(path)
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
+            if not line.strip():
+                continue
+            where = f"'{path}' line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"expected a JSON object at {where}, got invalid JSON: {err}") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object at {where}, got {type(record).__name__}")
+            yield number, record
 
 
 _MANIFEST_STRING_KEYS = ("subject_id", "image", "mask", "caption", "class_name")
 
 
-def _parse_manifest_line(line: str, path: Path, number: int) -> dict[str, str]:
+def _parse_manifest_record(record: dict[str, Any], path: Path, number: int) -> dict[str, str]:
     where = f"'{path}' line {number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"expected a JSON object at {where}, got invalid JSON: {err}") from err
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object at {where}, got {type(record).__name__}")
     missing = [key for key in ("subject_id", "image") if key not in record]
     if missing:
         raise ValueError(
@@ -458,8 +466,9 @@ def load_subjects(source: Any, **hf_columns: str | None) -> SubjectIndex:
     """Index subjects from any supported source.
 
     Args:
-        source: a subject folder, a ``.jsonl`` manifest, a ``datasets.Dataset`` or an existing
-            :class:`SubjectIndex` (returned unchanged).
+        source: a subject folder, a shard folder (one with an ``index.jsonl``, see
+            :func:`~diffusers_customcontrast.data.load_subject_shards`), a ``.jsonl`` manifest, a ``datasets.Dataset``
+            or an existing :class:`SubjectIndex` (returned unchanged).
         **hf_columns: column names for a ``datasets.Dataset`` (see :func:`load_hf_subjects`).
 
     Raises:
@@ -475,7 +484,9 @@ def load_subjects(source: Any, **hf_columns: str | None) -> SubjectIndex:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            return load_subject_folder(path)
+            from .shards import SHARD_INDEX_NAME, load_subject_shards  # here: shards.py imports this module
+
+            return load_subject_shards(path) if (path / SHARD_INDEX_NAME).is_file() else load_subject_folder(path)
         if path.suffix.lower() == ".jsonl":
             return load_subject_manifest(path)
         if not path.exists():

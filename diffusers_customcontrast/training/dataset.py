@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
 from torch.utils.data import DataLoader
 
-from ..data import SubjectIndex, SubjectTripletDataset, UniqueSubjectBatchSampler, collate_triplets, load_subjects
+from ..data import (
+    ShardedSubjectBatchSampler,
+    ShardedSubjectIndex,
+    SubjectIndex,
+    SubjectTripletDataset,
+    UniqueSubjectBatchSampler,
+    collate_triplets,
+    load_subjects,
+)
 from .config import ConfigError, TrainingConfig
 
 __all__ = ["TrainingData", "build_training_data", "load_training_subjects"]
@@ -17,8 +26,8 @@ _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 def load_training_subjects(config: TrainingConfig) -> SubjectIndex:
-    """Index ``config.train_data``: a subject folder, a ``.jsonl`` manifest, a ``save_to_disk`` folder, or a dataset
-    name for ``datasets.load_dataset`` (see ``docs/data_format.md``)."""
+    """Index ``config.train_data``: a subject folder, a shard folder, a ``.jsonl`` manifest, a ``save_to_disk`` folder,
+    or a dataset name for ``datasets.load_dataset`` (see ``docs/data_format.md``)."""
     source = config.train_data
     if not source:
         raise ConfigError("set train_data (a subject folder, a .jsonl manifest or a dataset).")
@@ -50,7 +59,7 @@ class TrainingData:
     """The dataset, its batch sampler and the DataLoader over them (both need ``set_epoch`` every epoch)."""
 
     dataset: SubjectTripletDataset
-    sampler: UniqueSubjectBatchSampler
+    sampler: UniqueSubjectBatchSampler | ShardedSubjectBatchSampler
     loader: DataLoader
 
     def set_epoch(self, epoch: int) -> None:
@@ -60,7 +69,11 @@ class TrainingData:
 
 
 def build_training_data(config: TrainingConfig, index: SubjectIndex, reference_size: int) -> TrainingData:
-    """Triplet dataset, subject-unique batches (``drop_last``: a padded last batch could repeat a subject)."""
+    """Triplet dataset, subject-unique batches (``drop_last``: a padded last batch could repeat a subject).
+
+    Subjects in shards get a :class:`~diffusers_customcontrast.data.ShardedSubjectBatchSampler`, so that each
+    process reads only its own shards.
+    """
     if config.train_batch_size > len(index):
         raise ConfigError(
             f"train_batch_size ({config.train_batch_size}) is larger than the number of subjects ({len(index)}): "
@@ -74,13 +87,23 @@ def build_training_data(config: TrainingConfig, index: SubjectIndex, reference_s
         seed=config.seed,
         max_consecutive_bad_samples=config.max_consecutive_bad_samples,
     )
-    sampler = UniqueSubjectBatchSampler(
-        dataset,
-        batch_size=config.train_batch_size,
-        repeats_per_epoch=config.repeats_per_epoch,
-        drop_last=True,
-        seed=config.seed,
-    )
+    if isinstance(index, ShardedSubjectIndex):
+        # The accelerate state the trainer's Accelerator set up (a single process when there is none).
+        sampler = ShardedSubjectBatchSampler(
+            index,
+            batch_size=config.train_batch_size,
+            num_processes=PartialState().num_processes,
+            repeats_per_epoch=config.repeats_per_epoch,
+            seed=config.seed,
+        )
+    else:
+        sampler = UniqueSubjectBatchSampler(
+            dataset,
+            batch_size=config.train_batch_size,
+            repeats_per_epoch=config.repeats_per_epoch,
+            drop_last=True,
+            seed=config.seed,
+        )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -15,10 +15,12 @@
 The wrapper turns its options into the evaluation command line, prints that command (to rerun or to start with
 ``accelerate launch`` on several GPUs: generation is split over the processes) and runs it in this process
 (``diffusers_customcontrast.evaluation.cli.main``). Options it does not know go to the command unchanged, e.g.
-``--clip_model``, ``--dino_model``, ``--use_identifier``, ``--batch_size``, ``--height``; see
-``python -m diffusers_customcontrast.evaluate --help``. Images already written are skipped, so an interrupted run
-resumes. ``--output`` receives the images, ``results.json``, ``results.md`` (CLIP-T, CLIP-I and DINO, overall and split
-into recontextualisation and edit prompts, laid out like the paper's tables) and, with ``--scales``,
+``--clip_model``, ``--dino_model``, ``--imagereward_model THUDM/ImageReward``, ``--references all``,
+``--use_identifier``, ``--batch_size``, ``--height``; see ``python -m diffusers_customcontrast.evaluate --help``.
+Images already written are skipped, so an interrupted run resumes. ``--output`` receives the images,
+``results.json``, ``results.md`` (the paper's table with this run's rows under the published ones, under both
+readings of its R-/E- columns, then every metric: CLIP-T, ImageReward, CLIP-I and DINO against the reference photo
+and against all photos, and split into recontextualisation and edit prompts) and, with ``--scales``,
 ``scale_sweep.png``. The paper's protocol is 4 images per prompt and 50 steps (the defaults here); ``--quick``
 (1 image, 25 steps, 2 subjects) gives a first look in minutes.
 """

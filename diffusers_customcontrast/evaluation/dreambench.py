@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -54,6 +55,10 @@ PROMPT_KIND_RULES: tuple[tuple[str, str, str], ...] = (
 )
 DEFAULT_PROMPT_KIND = RECONTEXTUALIZATION
 
+# How many of a subject's photos the adapter is given: "first" (one, today's DreamBench protocol), "all", or N.
+References = Literal["first", "all"] | int
+REFERENCE_CHOICES = ("first", "all")
+
 
 @dataclass(frozen=True)
 class DreamBenchSubject:
@@ -84,6 +89,18 @@ class DreamBenchSubject:
         """Load the fixed reference image as RGB."""
         return load_rgb(self.reference_image_path(index))
 
+    def reference_image_paths(self, references: References = "first", index: int = 0) -> tuple[Path, ...]:
+        """The photos the adapter is given: ``references`` of them, from the ``index``-th in sorted order.
+
+        Args:
+            references: ``"first"`` (the ``index``-th image alone), ``"all"`` (every image) or a count ``N`` (up to
+                ``N`` images: a subject with fewer gives all it has).
+            index: Position of the first photo; the others follow in sorted order, wrapping around.
+        """
+        count = reference_count(references, len(self.image_paths))
+        start = self.image_paths.index(self.reference_image_path(index))
+        return tuple(self.image_paths[(start + offset) % len(self.image_paths)] for offset in range(count))
+
 
 @dataclass(frozen=True)
 class DreamBenchPrompt:
@@ -110,6 +127,29 @@ class DreamBenchSpec:
     class_by_subject: dict[str, str]
     object_templates: tuple[str, ...]
     live_templates: tuple[str, ...]
+
+
+def parse_references(value: str | int) -> References:
+    """Validate a ``references`` setting: ``"first"``, ``"all"`` or a positive count (an int or its text)."""
+    if value in REFERENCE_CHOICES:
+        return value
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or isinstance(value, bool):
+        raise ValueError(f"references must be 'first', 'all' or a positive number of photos, got {value!r}.")
+    return count
+
+
+def reference_count(references: References, available: int) -> int:
+    """How many photos ``references`` gives for a subject with ``available`` photos."""
+    references = parse_references(references)
+    if references == "first":
+        return 1
+    if references == "all":
+        return available
+    return min(references, available)
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..injection import attached
-from .dreambench import DreamBenchPrompt, DreamBenchSubject, dreambench_prompts
+from .dreambench import DreamBenchPrompt, DreamBenchSubject, References, dreambench_prompts, load_rgb, parse_references
 from .manifest import merge_manifest_shards, shard_path, write_manifest
 from .processes import ProcessSplitter, SingleProcess
 
@@ -102,12 +102,13 @@ def generate_dreambench(
     use_identifier: bool = False,
     unique_token: str = "sks",
     reference_index: int = 0,
+    references: References = "first",
     pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate ``images_per_prompt`` images for every prompt of every subject.
 
-    Each call is ``pipe(prompt, ip_adapter_image=reference_image, num_images_per_prompt=..., generator=...)``
-    with the subject's fixed reference image and one CPU generator per image.
+    Each call is ``pipe(prompt, num_images_per_prompt=..., generator=..., **subject_condition(...))`` with the
+    subject's fixed reference photo(s) (see :func:`subject_condition`) and one CPU generator per image.
 
     Args:
         pipe: A diffusers pipeline with a subject adapter loaded (CustomContrast or IP-Adapter), or any callable
@@ -127,7 +128,9 @@ def generate_dreambench(
         use_identifier: Prompt with the identifier ("a sks dog in the jungle") instead of the class prompt
             ("a dog in the jungle"). Encoder methods have no identifier token, hence the default.
         unique_token: The identifier used when ``use_identifier`` is set.
-        reference_index: Which of the subject's sorted real images is the reference image.
+        reference_index: Which of the subject's sorted real images is the (first) reference photo.
+        references: How many photos the adapter is given: ``"first"`` (the reference photo alone, the DreamBench
+            protocol), ``"all"`` or a count ``N`` (see :meth:`~.dreambench.DreamBenchSubject.reference_image_paths`).
         pipeline_kwargs: Extra keyword arguments for every pipeline call, e.g. ``negative_prompt``.
 
     Returns:
@@ -142,11 +145,14 @@ def generate_dreambench(
     call_kwargs = _call_kwargs(num_inference_steps, guidance_scale, height, width, pipeline_kwargs)
     identifier = unique_token if use_identifier else None
     image_settings = {"seed": seed, "scale": scale, "use_identifier": use_identifier, "unique_token": identifier}
-    image_settings.update(call_kwargs, reference_index=reference_index)
+    references = parse_references(references)
+    image_settings.update(call_kwargs, reference_index=reference_index, references=references)
     check_generation_settings(output_dir, image_settings, write=state.is_main_process)
     if scale is not None:
         set_adapter_scale(pipe, scale)
-    settings = _RunSettings(output_dir, images_per_prompt, seed, batch_size, use_identifier, reference_index, scale)
+    settings = _RunSettings(
+        output_dir, images_per_prompt, seed, batch_size, use_identifier, reference_index, references, scale
+    )
 
     jobs = build_jobs(subjects, unique_token)
     with state.split_between_processes(jobs) as local_jobs:
@@ -202,7 +208,11 @@ class _RunSettings:
     batch_size: int
     use_identifier: bool
     reference_index: int
+    references: References
     scale: float | None
+
+    def reference_paths(self, subject: DreamBenchSubject) -> tuple[Path, ...]:
+        return subject.reference_image_paths(self.references, self.reference_index)
 
 
 def _call_kwargs(
@@ -230,21 +240,53 @@ def _run_jobs(
     show_progress: bool,
 ) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    references: dict[str, Image.Image] = {}
+    conditions: dict[str, dict[str, Any]] = {}
     total = len(jobs) * settings.images_per_prompt
     with tqdm(total=total, desc="DreamBench", unit="img", disable=not show_progress) as progress:
         for job in jobs:
-            if job.subject.name not in references:
-                references[job.subject.name] = job.subject.load_reference_image(settings.reference_index)
-            _run_job(pipe, job, references[job.subject.name], settings, call_kwargs, progress)
+            if job.subject.name not in conditions:
+                photos = [load_rgb(path) for path in settings.reference_paths(job.subject)]
+                conditions[job.subject.name] = subject_condition(pipe, photos, call_kwargs["guidance_scale"])
+            _run_job(pipe, job, conditions[job.subject.name], settings, call_kwargs, progress)
             records.extend(_job_records(job, settings))
     return records
+
+
+def subject_condition(pipe: Any, photos: Sequence[Image.Image], guidance_scale: float) -> dict[str, Any]:
+    """The pipeline arguments that give it one subject's reference photos.
+
+    * One photo: ``ip_adapter_image=photo``, for any adapter.
+    * Several photos, CustomContrast: ``ip_adapter_image_embeds`` from
+      ``pipe.encode_customcontrast_subjects([photos], combine="concat", ...)``: one subject whose Q-Former queries
+      attend over the patches of all its photos (``ip_adapter_image=[[a, b]]`` would mean two subjects).
+    * Several photos, plain IP-Adapter: ``ip_adapter_image=[photos]``, diffusers' own input for several images of
+      one adapter (their image tokens are concatenated).
+
+    The embeddings are computed once per subject with ``num_images_per_prompt=1``; the pipeline repeats them for
+    the images of each call.
+    """
+    if len(photos) == 1:
+        return {"ip_adapter_image": photos[0]}
+    if not uses_customcontrast(pipe):
+        return {"ip_adapter_image": [list(photos)]}
+    encode = getattr(pipe, "encode_customcontrast_subjects", None)
+    if encode is None:
+        raise AttributeError(
+            f"Giving the adapter {len(photos)} photos of a subject needs pipe.encode_customcontrast_subjects, which "
+            f"this pipeline ({type(pipe).__name__}) lacks; use references='first'."
+        )
+    # The negative rows the embeddings carry must match what the pipeline does: diffusers guides when
+    # guidance_scale > 1 and the UNet has no guidance embedding (time_cond_proj_dim).
+    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+    guided = guidance_scale > 1 and getattr(unet_config, "time_cond_proj_dim", None) is None
+    embeds = encode([list(photos)], combine="concat", num_images_per_prompt=1, do_classifier_free_guidance=guided)
+    return {"ip_adapter_image_embeds": embeds}
 
 
 def _run_job(
     pipe: Any,
     job: GenerationJob,
-    reference: Image.Image,
+    condition: Mapping[str, Any],
     settings: _RunSettings,
     call_kwargs: Mapping[str, Any],
     progress: tqdm,
@@ -264,13 +306,7 @@ def _run_job(
             torch.Generator("cpu").manual_seed(image_seed(settings.seed, job.subject.name, job.prompt_index, i))
             for i in indices
         ]
-        output = pipe(
-            prompt,
-            ip_adapter_image=reference,
-            num_images_per_prompt=len(indices),
-            generator=generators,
-            **call_kwargs,
-        )
+        output = pipe(prompt, num_images_per_prompt=len(indices), generator=generators, **condition, **call_kwargs)
         if len(output.images) != len(indices):
             raise RuntimeError(f"The pipeline returned {len(output.images)} images, expected {len(indices)}.")
         for index, image in zip(indices, output.images):
@@ -288,6 +324,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 def _job_records(job: GenerationJob, settings: _RunSettings) -> list[dict[str, Any]]:
     subject = job.subject
+    references = [str(path.resolve()) for path in settings.reference_paths(subject)]
     return [
         {
             "subject": subject.name,
@@ -300,7 +337,7 @@ def _job_records(job: GenerationJob, settings: _RunSettings) -> list[dict[str, A
             "path": str((settings.output_dir / image_relpath(subject.name, job.prompt_index, index)).resolve()),
             "seed": image_seed(settings.seed, subject.name, job.prompt_index, index),
             "scale": settings.scale,
-            "reference_image": str(subject.reference_image_path(settings.reference_index)),
+            "reference_images": references,
         }
         for index in range(settings.images_per_prompt)
     ]

@@ -1,13 +1,20 @@
-"""DreamBench metrics: CLIP-T, CLIP-I and DINO.
+"""DreamBench metrics: CLIP-T, ImageReward, CLIP-I and DINO.
 
-* CLIP-T: cosine between the CLIP image embedding of a generated image and the CLIP text embedding of its prompt
-  without identifier ("a dog in the jungle").
-* CLIP-I: mean cosine between the CLIP image embeddings of a generated image and of each real image of the
-  subject.
-* DINO: the same with the DINO ViT CLS token (``last_hidden_state[:, 0]``), images resized to 256 (shorter side,
-  bicubic), centre-cropped to 224 and normalised with the ImageNet mean and std, as in DreamBooth.
+Per generated image:
 
-All metrics are raw cosines in [-1, 1] (the papers' tables print them as ".325").
+* ``clip_t``: cosine between the CLIP image embedding of the image and the CLIP text embedding of its prompt without
+  identifier ("a dog in the jungle").
+* ``image_reward``: ImageReward of the image for that prompt (:mod:`.imagereward`), when a reward model is given.
+* ``clip_i`` / ``dino``: mean cosine between the image's CLIP / DINO embedding and those of **all** the subject's
+  real images (the DreamBench protocol).
+* ``clip_i_ref`` / ``dino_ref``: the same against the reference photo(s) the adapter was given only.
+
+DINO uses the ViT CLS token (``last_hidden_state[:, 0]``) of images resized to 256 (shorter side, bicubic),
+centre-cropped to 224 and normalised with the ImageNet mean and std, as in DreamBooth. Similarities are raw cosines
+in [-1, 1] (the papers' tables print them as ".325").
+
+The paper's R- and E- columns have two readings, both summarised (see docs/evaluation.md): by prompt kind
+(``recontext_clip_i`` vs ``edit_clip_i``) and by the real images compared with (``clip_i_ref`` vs ``clip_i``).
 """
 
 from __future__ import annotations
@@ -19,14 +26,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, ViTModel
 
 from .dreambench import PROMPT_KINDS, RECONTEXTUALIZATION, load_rgb
+from .imagereward import ImageRewardScorer
 from .manifest import read_manifest
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_crop_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +43,11 @@ DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 
 DINO_RESIZE = 256
 DINO_CROP = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-METRICS = ("clip_t", "clip_i", "dino")
-# Prefix of the per-kind summary keys: the paper's R- and E- columns.
-KIND_PREFIXES = {kind: "r" if kind == RECONTEXTUALIZATION else "e" for kind in PROMPT_KINDS}
+# Per-image metrics, in report order.
+METRICS = ("clip_t", "image_reward", "clip_i", "dino", "clip_i_ref", "dino_ref")
+# Prefix of the per-prompt-kind summary keys (``recontext_clip_i``, ``edit_dino``, ``edit_count``...).
+KIND_PREFIXES = {kind: "recontext" if kind == RECONTEXTUALIZATION else "edit" for kind in PROMPT_KINDS}
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -58,30 +65,7 @@ def dino_preprocess(images: Sequence[Image.Image], resize: int = DINO_RESIZE, cr
     Returns:
         A float32 tensor of shape ``(len(images), 3, crop, crop)``.
     """
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    arrays = []
-    for image in images:
-        image = _center_crop(_resize_shorter_side(image.convert("RGB"), resize), crop)
-        arrays.append((np.asarray(image, dtype=np.float32) / 255.0 - mean) / std)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    # Same rounding as torchvision's Resize(int): the longer side is truncated, not rounded.
-    new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.Resampling.BICUBIC)
-
-
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    # Same offsets as torchvision's CenterCrop.
-    left = int(round((width - size) / 2.0))
-    top = int(round((height - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
+    return resize_crop_normalize(images, resize=resize, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _as_image(image: ImageInput) -> Image.Image:
@@ -99,22 +83,24 @@ def _pooled(output: Any) -> torch.Tensor:
 
 
 class DreamBenchScorer:
-    """CLIP and DINO embedders for the DreamBench metrics.
+    """CLIP, DINO and (optionally) ImageReward models for the DreamBench metrics.
 
     Args:
         clip_model: A hub id or local folder of a CLIP model (with tokenizer and image processor), or a
             ``CLIPModel``.
         dino_model: A hub id or local folder of a DINO ViT, or a ``ViTModel``.
+        image_reward: An :class:`~.imagereward.ImageRewardScorer` (``ImageRewardScorer.from_pretrained(...)``);
+            ``None`` leaves ``image_reward`` out.
         clip_tokenizer: Tokenizer to use instead of loading one from ``clip_model`` (required when ``clip_model``
             is a model object).
         clip_image_processor: Image processor to use instead of loading one from ``clip_model``; when
             ``clip_model`` is a model object and none is given, the reference CLIP preprocessing at the model's
             image size is used.
         device: Device of the models; defaults to CUDA when available.
-        dtype: Dtype of the models; embeddings are compared in float32 either way.
+        dtype: Dtype of the CLIP and DINO models; embeddings are compared in float32 either way.
         batch_size: Images per forward pass.
         local_files_only: Do not try the hub (passed to ``from_pretrained``).
-        revision: Hub revision of both models (passed to ``from_pretrained``).
+        revision: Hub revision of the CLIP and DINO models (passed to ``from_pretrained``).
         cache_dir: Hub cache folder (passed to ``from_pretrained``).
     """
 
@@ -123,6 +109,7 @@ class DreamBenchScorer:
         clip_model: str | os.PathLike | CLIPModel = DEFAULT_CLIP_MODEL,
         dino_model: str | os.PathLike | ViTModel = DEFAULT_DINO_MODEL,
         *,
+        image_reward: ImageRewardScorer | None = None,
         clip_tokenizer: Any | None = None,
         clip_image_processor: Any | None = None,
         device: str | torch.device | None = None,
@@ -140,7 +127,18 @@ class DreamBenchScorer:
         self.clip_tokenizer = clip_tokenizer or self._load_tokenizer(clip_model, hub_kwargs)
         self.clip_image_processor = clip_image_processor or self._load_image_processor(clip_model, hub_kwargs)
         self.dino_model = self._prepare(self._load_dino(dino_model, hub_kwargs))
-        self._real_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.image_reward = image_reward
+        # Embeddings of image files by resolved path: each real image is embedded once however often it is used.
+        self._file_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def model_names(self) -> dict[str, str | None]:
+        """What each metric model was loaded from (hub id or folder), for the report."""
+        return {
+            "clip": self.clip_model.config.name_or_path or type(self.clip_model).__name__,
+            "dino": self.dino_model.config.name_or_path or type(self.dino_model).__name__,
+            "image_reward": None if self.image_reward is None else (self.image_reward.name or "ImageReward"),
+        }
 
     @staticmethod
     def _load_clip(model: str | os.PathLike | CLIPModel, hub_kwargs: Mapping[str, Any]) -> CLIPModel:
@@ -202,11 +200,32 @@ class DreamBenchScorer:
             chunks.append(_normalize(_pooled(features)).cpu())
         return torch.cat(chunks) if chunks else torch.empty(0)
 
-    def real_image_embeds(self, subject: str, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP and DINO embeddings of a subject's real images, computed once per subject name."""
-        if subject not in self._real_cache:
-            self._real_cache[subject] = (self.clip_image_embeds(images), self.dino_embeds(images))
-        return self._real_cache[subject]
+    def image_rewards(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> torch.Tensor | None:
+        """ImageReward of each image for its prompt, shape ``(len(images),)``; ``None`` without a reward model."""
+        if self.image_reward is None:
+            return None
+        chunks = [
+            self.image_reward(
+                [_as_image(image) for image in images[start : start + self.batch_size]],
+                prompts[start : start + self.batch_size],
+            )
+            for start in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
+    def real_image_embeds(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP and DINO embeddings of real images; image files are embedded once, then read from a cache."""
+        keys = [None if isinstance(image, Image.Image) else str(Path(image).resolve()) for image in images]
+        todo = [row for row, key in enumerate(keys) if key is None or key not in self._file_cache]
+        fresh = {}
+        if todo:
+            batch = [images[row] for row in todo]
+            for row, clip, dino in zip(todo, self.clip_image_embeds(batch), self.dino_embeds(batch)):
+                fresh[row] = (clip, dino)
+                if keys[row] is not None:
+                    self._file_cache[keys[row]] = (clip, dino)
+        pairs = [fresh[row] if row in fresh else self._file_cache[key] for row, key in enumerate(keys)]
+        return torch.stack([clip for clip, _ in pairs]), torch.stack([dino for _, dino in pairs])
 
     def _batched(self, images: Sequence[ImageInput], embed: Any) -> torch.Tensor:
         # Images are opened per batch so that scoring thousands of files keeps few of them in memory.
@@ -236,14 +255,16 @@ def score_generations(
     """Score every generated image.
 
     Args:
-        scorer: The embedders.
-        manifest_or_records: A ``manifest.jsonl`` path or records with ``path``, ``subject`` and ``clip_text``
-            (and ``kind`` for :func:`summarize`).
-        real_images_by_subject: The real images (paths or PIL images) of each subject.
+        scorer: The metric models.
+        manifest_or_records: A ``manifest.jsonl`` path or records with ``path``, ``subject`` and ``clip_text``, and
+            optionally ``reference_images`` (the photos the adapter was given) and ``kind`` (for :func:`summarize`).
+        real_images_by_subject: All real images (paths or PIL images) of each subject.
         batch_size: Generated images scored together; defaults to the scorer's batch size.
 
     Returns:
-        One dict per image, in input order: the record plus ``clip_t``, ``clip_i`` and ``dino``.
+        One dict per image, in input order: the record plus the metrics of :data:`METRICS`; ``image_reward`` is
+        ``None`` without a reward model, ``clip_i_ref`` and ``dino_ref`` are ``None`` for a record without
+        ``reference_images``.
     """
     if isinstance(manifest_or_records, str | os.PathLike):
         records = read_manifest(Path(manifest_or_records))
@@ -265,20 +286,27 @@ def _score_batch(
     real_images_by_subject: Mapping[str, Sequence[ImageInput]],
 ) -> list[dict[str, Any]]:
     paths = [record["path"] for record in records]
+    prompts = [record["clip_text"] for record in records]
     clip_images = scorer.clip_image_embeds(paths)
     dino_images = scorer.dino_embeds(paths)
-    texts = scorer.clip_text_embeds([record["clip_text"] for record in records])
+    texts = scorer.clip_text_embeds(prompts)
+    rewards = scorer.image_rewards(paths, prompts)
     scored = []
     for row, record in enumerate(records):
-        real_clip, real_dino = scorer.real_image_embeds(record["subject"], real_images_by_subject[record["subject"]])
-        scored.append(
-            dict(
-                record,
-                clip_t=float(clip_images[row] @ texts[row]),
-                clip_i=float((real_clip @ clip_images[row]).mean()),
-                dino=float((real_dino @ dino_images[row]).mean()),
-            )
-        )
+        real_clip, real_dino = scorer.real_image_embeds(real_images_by_subject[record["subject"]])
+        metrics = {
+            "clip_t": float(clip_images[row] @ texts[row]),
+            "image_reward": None if rewards is None else float(rewards[row]),
+            "clip_i": float((real_clip @ clip_images[row]).mean()),
+            "dino": float((real_dino @ dino_images[row]).mean()),
+            "clip_i_ref": None,
+            "dino_ref": None,
+        }
+        if record.get("reference_images"):
+            ref_clip, ref_dino = scorer.real_image_embeds(record["reference_images"])
+            metrics["clip_i_ref"] = float((ref_clip @ clip_images[row]).mean())
+            metrics["dino_ref"] = float((ref_dino @ dino_images[row]).mean())
+        scored.append(dict(record, **metrics))
     return scored
 
 
@@ -286,9 +314,9 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean metrics over images, overall and per prompt kind.
 
     Returns:
-        ``count``, ``clip_t``, ``clip_i``, ``dino`` over all images, and for each kind the same keys with the
-        prefix ``r_`` (recontextualisation) or ``e_`` (edit), e.g. ``r_clip_i``, ``e_dino``, ``e_count``.
-        A mean over no images is ``None``.
+        ``count`` and the mean of each metric of :data:`METRICS` over all images, and for each prompt kind the same
+        keys with the prefix ``recontext_`` or ``edit_`` (``recontext_clip_i``, ``edit_dino``, ``edit_count``...).
+        A mean over no values is ``None``.
     """
     summary: dict[str, Any] = {"count": len(records), **_means(records)}
     for kind, prefix in KIND_PREFIXES.items():

@@ -333,7 +333,7 @@ def ip_adapter_plus_state_dict(
         proj[f"layers.{n}.1.1.weight"] = tensor(4 * dim, dim)
         proj[f"layers.{n}.1.3.weight"] = tensor(dim, 4 * dim)
 
-    from diffusers_customcontrast.modeling.unet_layout import cross_attention_layout
+    from diffusers_customcontrast.models.unet_layout import cross_attention_layout
 
     layout = cross_attention_layout(unet)
     ip = {}

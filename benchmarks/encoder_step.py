@@ -129,7 +129,7 @@ def main() -> None:
 
 
 def unet_flops(family: str, resolution: int) -> int:
-    from diffusers_customcontrast.architectures import full_size_unet
+    from diffusers_customcontrast.models.architectures import full_size_unet
 
     unet = full_size_unet(family, meta=True).requires_grad_(False)
     inputs, _ = unet_inputs(family, resolution, device="meta")

@@ -1,7 +1,7 @@
 """``pipe.load_customcontrast(folder)`` vs diffusers' ``pipe.load_ip_adapter(...)``: time and peak memory.
 
 The pipeline is a ``StableDiffusionPipeline`` with the full-size SD1.5 UNet (random weights) and tiny other
-components (``diffusers_customcontrast.tiny_models``; only the UNet matters to either loader). Checkpoints, fp32
+components (``diffusers_customcontrast.testing.tiny_models``; only the UNet matters to either loader). Checkpoints, fp32
 safetensors on local disk, all with random weights:
 
 - IP-Adapter-Plus for SD1.5 in the original single-file layout (``image_proj.*`` + ``ip_adapter.{1,3,...}.*``),
@@ -47,8 +47,8 @@ from common import (
 from safetensors.torch import save_file
 
 import diffusers_customcontrast  # noqa: F401  (registers pipe.load_customcontrast)
-from diffusers_customcontrast.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
-from diffusers_customcontrast.modeling.adapter import CustomContrastAdapter
+from diffusers_customcontrast.models.adapter import CustomContrastAdapter
+from diffusers_customcontrast.models.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
 
 IP_ADAPTER_FILE = "ip-adapter-plus_sd15.safetensors"
 CHECKPOINTS = {
@@ -60,7 +60,7 @@ SIZE_MATCHED = {"visual_depth": 2, "textual_depth": 1}
 
 
 def build_pipeline():
-    from diffusers_customcontrast.tiny_models import tiny_sd15_pipeline
+    from diffusers_customcontrast.testing.tiny_models import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(image_encoder=False)
     pipe.register_modules(unet=full_size_unet("sd15", meta=False).eval())

@@ -28,7 +28,7 @@ from common import (
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
 from diffusers_customcontrast.attention_processor import CustomContrastAttnProcessor2_0
-from diffusers_customcontrast.modeling.layer import CustomContrastLayer
+from diffusers_customcontrast.models.adapter_layer import CustomContrastLayer
 
 CONTEXT = 768  # SD1.5 cross_attention_dim
 HEADS = 8

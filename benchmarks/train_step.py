@@ -40,7 +40,7 @@ def _settings(contrastive: bool) -> dict[str, bool]:
 
 def bench_tiny(rounds: int, steps: int, resolution: int) -> dict[str, list[float]]:
     from diffusers_customcontrast.data import write_synthetic_dataset
-    from diffusers_customcontrast.tiny_models import tiny_sd15_pipeline
+    from diffusers_customcontrast.testing.tiny_models import tiny_sd15_pipeline
     from diffusers_customcontrast.training import TrainingConfig, train
 
     root = Path(tempfile.mkdtemp(prefix="cc-bench-"))
@@ -104,8 +104,8 @@ def _sd15_inputs(batch: int, resolution: int, contrastive: bool, generator: torc
 
 
 def bench_sd15(rounds: int, batch: int, resolution: int, image_encoder: bool) -> dict[str, list[float]]:
-    from diffusers_customcontrast.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
-    from diffusers_customcontrast.modeling.adapter import CustomContrastAdapter
+    from diffusers_customcontrast.models.adapter import CustomContrastAdapter
+    from diffusers_customcontrast.models.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
 
     torch.manual_seed(0)
     start = time.perf_counter()

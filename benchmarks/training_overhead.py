@@ -56,8 +56,8 @@ RESOLUTION = 256  # set from --resolution
 
 
 def build():
-    from diffusers_customcontrast.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
-    from diffusers_customcontrast.modeling.adapter import CustomContrastAdapter
+    from diffusers_customcontrast.models.adapter import CustomContrastAdapter
+    from diffusers_customcontrast.models.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
 
     torch.manual_seed(0)
     unet = full_size_unet("sd15", meta=False).requires_grad_(False).eval()

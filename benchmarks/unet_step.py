@@ -36,9 +36,9 @@ from common import (
     write_results,
 )
 
-from diffusers_customcontrast import injection
-from diffusers_customcontrast.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
-from diffusers_customcontrast.modeling.adapter import CustomContrastAdapter
+from diffusers_customcontrast.loaders import injection
+from diffusers_customcontrast.models.adapter import CustomContrastAdapter
+from diffusers_customcontrast.models.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
 
 CONFIGS = ("bare", "customcontrast", "customcontrast_first", "ip_adapter_plus")
 LABELS = {

@@ -9,18 +9,18 @@ every diffusers pipeline::
 """
 
 from .attention_processor import CustomContrastAttnProcessor2_0
-from .image_projection import CustomContrastImageProjection
-from .injection import attach, detach
-from .loading import (
+from .loaders.injection import attach, detach
+from .loaders.pipeline import (
     load_customcontrast,
     record_customcontrast,
     register_pipeline_methods,
     set_customcontrast_scale,
     unload_customcontrast,
 )
-from .modeling import CustomContrastAdapter, MFIEncoder, SubjectTokens
+from .loaders.serialization import AdapterLoadError, load_adapter
+from .models import CustomContrastAdapter, MFIEncoder, SubjectTokens
+from .models.image_projection import CustomContrastImageProjection
 from .recording import SubjectRecorder
-from .serialization import AdapterLoadError, load_adapter
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,8 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from torch import nn
 
-from .modeling.layer import CustomContrastLayer
-from .modeling.qformer import merge_heads, split_heads
+from .models.adapter_layer import CustomContrastLayer
+from .models.qformer import merge_heads, split_heads
 from .recording import SubjectRecorder
 
 Scale = float | list[float]

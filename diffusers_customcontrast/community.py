@@ -16,8 +16,8 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from . import injection
-from .loading import record_customcontrast, set_customcontrast_scale
+from .loaders import injection
+from .loaders.pipeline import record_customcontrast, set_customcontrast_scale
 from .recording import SubjectRecorder
 
 

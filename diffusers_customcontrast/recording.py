@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modeling.mfi_encoder import SubjectTokens
+from .models.mfi_encoder import SubjectTokens
 
 
 @dataclass

@@ -52,6 +52,7 @@ import yaml
 from _common import SD15_MODEL, add_runtime_arguments, make_parser, slug
 
 from diffusers_customcontrast.data import DEFAULT_CAPTION_TEMPLATE, SubjectIndex, load_subject_folder
+from diffusers_customcontrast.loaders.serialization import AdapterLoadError, resolve_file
 from diffusers_customcontrast.prepare import (
     DEFAULT_DETECTOR,
     DEFAULT_SEGMENTER,
@@ -60,7 +61,6 @@ from diffusers_customcontrast.prepare import (
     SubjectMasker,
     prepare_dataset,
 )
-from diffusers_customcontrast.serialization import AdapterLoadError, resolve_file
 from diffusers_customcontrast.training import ConfigError, TrainingConfig, TrainingResult, train
 
 # What one subject allows, whatever --config says (--set can still change them); use_location follows the masks.

@@ -37,35 +37,35 @@ def _limit_torch_threads() -> None:
 
 @pytest.fixture
 def sd15_pipe():
-    from diffusers_customcontrast.tiny_models import tiny_sd15_pipeline
+    from diffusers_customcontrast.testing.tiny_models import tiny_sd15_pipeline
 
     return tiny_sd15_pipeline()
 
 
 @pytest.fixture
 def sdxl_pipe():
-    from diffusers_customcontrast.tiny_models import tiny_sdxl_pipeline
+    from diffusers_customcontrast.testing.tiny_models import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
 
 
 @pytest.fixture
 def sd15_controlnet_pipe():
-    from diffusers_customcontrast.tiny_models import tiny_sd15_controlnet_pipeline
+    from diffusers_customcontrast.testing.tiny_models import tiny_sd15_controlnet_pipeline
 
     return tiny_sd15_controlnet_pipeline()
 
 
 @pytest.fixture
 def subject_image():
-    from diffusers_customcontrast.tiny_models import make_subject_image
+    from diffusers_customcontrast.testing.tiny_models import make_subject_image
 
     return make_subject_image(0)
 
 
 @pytest.fixture
 def subject_image_b():
-    from diffusers_customcontrast.tiny_models import make_subject_image
+    from diffusers_customcontrast.testing.tiny_models import make_subject_image
 
     return make_subject_image(1)
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from diffusers_customcontrast.tiny_models import tiny_adapter
+from diffusers_customcontrast.testing.tiny_models import tiny_adapter
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 STEPS = dict(num_inference_steps=3, height=64, width=64, output_type="np")

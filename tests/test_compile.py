@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_customcontrast import injection
-from diffusers_customcontrast.tiny_models import tiny_adapter, tiny_sd15_pipeline
+from diffusers_customcontrast.loaders import injection
+from diffusers_customcontrast.testing.tiny_models import tiny_adapter, tiny_sd15_pipeline
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ from diffusers_customcontrast.evaluation.paper import PAPER_TABLES
 from diffusers_customcontrast.evaluation.sweep import scale_sweep
 from diffusers_customcontrast.evaluation.tiny import main as tiny_main
 from diffusers_customcontrast.evaluation.tiny import save_tiny_evaluation_models, tiny_clip_model, tiny_dino_model
-from diffusers_customcontrast.tiny_models import tiny_clip_tokenizer
+from diffusers_customcontrast.testing.tiny_models import tiny_clip_tokenizer
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "dreambench_sample"
 requires_sample = pytest.mark.skipif(
@@ -541,7 +541,7 @@ def test_set_customcontrast_scale_is_preferred(mini_root: Path, tmp_path: Path) 
 
 
 def test_adapter_kind_is_read_from_the_unet(sd15_pipe) -> None:
-    from diffusers_customcontrast.tiny_models import tiny_adapter
+    from diffusers_customcontrast.testing.tiny_models import tiny_adapter
 
     # Every diffusers pipeline has set_customcontrast_scale once diffusers_customcontrast is imported.
     assert not uses_customcontrast(sd15_pipe)
@@ -896,7 +896,7 @@ def test_cli_with_real_diffusers_ip_adapter(
     reason="pipe.encode_customcontrast_subjects (several photos of one subject) is not in this checkout yet",
 )
 def test_several_photos_with_a_real_customcontrast_pipeline(sd15_pipe, mini_root: Path, tmp_path: Path) -> None:
-    from diffusers_customcontrast.tiny_models import tiny_adapter
+    from diffusers_customcontrast.testing.tiny_models import tiny_adapter
 
     sd15_pipe.load_customcontrast(tiny_adapter(sd15_pipe))
     sd15_pipe.set_progress_bar_config(disable=True)

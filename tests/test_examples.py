@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from diffusers_customcontrast.tiny_models import (
+from diffusers_customcontrast.testing.tiny_models import (
     make_subject_image,
     tiny_adapter,
     tiny_controlnet,
@@ -378,7 +378,7 @@ def save_tiny_metric_models(root: Path) -> tuple[Path, Path]:
     import transformers
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from diffusers_customcontrast.tiny_models import tiny_clip_tokenizer
+    from diffusers_customcontrast.testing.tiny_models import tiny_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_clip_tokenizer()

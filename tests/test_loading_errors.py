@@ -12,8 +12,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import save_file
 
 import diffusers_customcontrast as dcc
-from diffusers_customcontrast.convert import adapter_from_ip_adapter, load_ip_adapter_attention
-from diffusers_customcontrast.tiny_models import tiny_adapter, tiny_image_encoder
+from diffusers_customcontrast.loaders.convert import adapter_from_ip_adapter, load_ip_adapter_attention
+from diffusers_customcontrast.testing.tiny_models import tiny_adapter, tiny_image_encoder
 
 STEPS = dict(num_inference_steps=2, height=64, width=64, output_type="np")
 
@@ -169,7 +169,7 @@ def test_convert_refuses_another_base_model(sd15_pipe, sdxl_pipe):
 
 
 def test_convert_command_line(sd15_pipe, tmp_path):
-    from diffusers_customcontrast.convert import main
+    from diffusers_customcontrast.loaders.convert import main
 
     sd15_pipe.save_pretrained(tmp_path / "base")
     torch.save(_ip_adapter_checkpoint(tiny_adapter(sd15_pipe)), tmp_path / "ip.bin")

@@ -23,7 +23,7 @@ from diffusers_customcontrast.losses import (
     macl_loss,
     min_snr_weights,
 )
-from diffusers_customcontrast.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
+from diffusers_customcontrast.testing.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
 from diffusers_customcontrast.training import (
     BaseModel,
     BatchEncoder,

@@ -14,7 +14,7 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
 
 import diffusers_customcontrast as dcc
-from diffusers_customcontrast.tiny_models import make_subject_image, tiny_adapter
+from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_adapter
 
 STEPS = dict(num_inference_steps=2, height=64, width=64, output_type="np")
 
@@ -154,7 +154,7 @@ def test_save_load_round_trip_local_and_hub(sd15_pipe, subject_image, tmp_path, 
 
 
 def test_image_encoder_comes_with_the_adapter_folder(tmp_path, subject_image):
-    from diffusers_customcontrast.tiny_models import tiny_sd15_pipeline
+    from diffusers_customcontrast.testing.tiny_models import tiny_sd15_pipeline
 
     source = tiny_sd15_pipeline()
     adapter = tiny_adapter(source)
@@ -237,7 +237,7 @@ def test_location_maps_are_recorded(sd15_pipe, subject_image):
 
 @pytest.mark.parametrize("family, layers, widths", [("sd15", 16, {320, 640, 1280}), ("sdxl", 70, {640, 1280})])
 def test_full_size_layouts_on_meta(family, layers, widths):
-    from diffusers_customcontrast.architectures import full_size_unet
+    from diffusers_customcontrast.models.architectures import full_size_unet
 
     unet = full_size_unet(family)
     adapter = dcc.CustomContrastAdapter.from_unet(unet, image_embed_dim=1280)

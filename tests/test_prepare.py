@@ -344,7 +344,7 @@ def test_folders_and_shards_hold_the_same_data_and_train(tmp_path, videos):
 
     # The trainer reads the shards: two steps with every loss on (the location loss uses the masks).
     training = pytest.importorskip("diffusers_customcontrast.training")
-    from diffusers_customcontrast.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
+    from diffusers_customcontrast.testing.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
 
     tiny_sd15_pipeline().save_pretrained(tmp_path / "sd15")
     result = training.train(

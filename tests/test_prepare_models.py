@@ -26,7 +26,7 @@ from diffusers_customcontrast.prepare import (
 )
 from diffusers_customcontrast.prepare.cli import main
 from diffusers_customcontrast.prepare.detection import _best
-from diffusers_customcontrast.tiny_models import tiny_clip_tokenizer
+from diffusers_customcontrast.testing.tiny_models import tiny_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

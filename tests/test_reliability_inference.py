@@ -26,8 +26,8 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 import diffusers_customcontrast as dcc
-from diffusers_customcontrast import inputs
-from diffusers_customcontrast.tiny_models import (
+from diffusers_customcontrast.loaders import inputs
+from diffusers_customcontrast.testing.tiny_models import (
     make_subject_image,
     tiny_adapter,
     tiny_image_encoder,
@@ -223,7 +223,7 @@ def test_failed_loads_leave_the_pipeline_exactly_as_it_was(tmp_path, references,
         pipe.load_customcontrast(first)
     processors = dict(pipe.unet.attn_processors)
     hooks = dict(pipe.unet._forward_pre_hooks)
-    state = dcc.injection.attached(pipe.unet)
+    state = dcc.loaders.injection.attached(pipe.unet)
     reference = references["loaded" if already_loaded else "base"]
     source = tmp_path / "source"
     tiny_adapter(pipe, seed=1).save_pretrained(source)
@@ -238,14 +238,14 @@ def test_failed_loads_leave_the_pipeline_exactly_as_it_was(tmp_path, references,
             pipe.load_customcontrast(str(folder), **kwargs)
         assert pipe.unet.attn_processors == processors, name
         assert dict(pipe.unet._forward_pre_hooks) == hooks, name
-        assert dcc.injection.attached(pipe.unet) is state, name
+        assert dcc.loaders.injection.attached(pipe.unet) is state, name
     assert not (tmp_path / "pwned").exists()  # the pickle's payload never ran
 
     # One generation after all of them: bit-identical to the pipeline's output before any failed load.
     kwargs = {"ip_adapter_image": make_subject_image(0)} if already_loaded else {}
     np.testing.assert_array_equal(generate(pipe, **kwargs), reference)
     if already_loaded:
-        assert dcc.injection.attached(pipe.unet).adapter is first
+        assert dcc.loaders.injection.attached(pipe.unet).adapter is first
 
 
 def test_failed_load_of_a_mismatched_image_encoder_registers_nothing(tmp_path, references):
@@ -257,7 +257,7 @@ def test_failed_load_of_a_mismatched_image_encoder_registers_nothing(tmp_path, r
     with pytest.raises(ValueError, match="image encoder of hidden size 32.*hidden size 48"):
         pipe.load_customcontrast(str(tmp_path / "adapter"))
     assert pipe.image_encoder is None and pipe.feature_extractor is None
-    assert dcc.injection.attached(pipe.unet) is None
+    assert dcc.loaders.injection.attached(pipe.unet) is None
     np.testing.assert_array_equal(generate(pipe), references["base"])
 
 
@@ -266,7 +266,7 @@ def test_an_adapter_for_another_base_model_keeps_the_first_adapter(references):
     first = pipe.load_customcontrast(tiny_adapter(pipe))
     with pytest.raises(ValueError, match="built for a"):
         pipe.load_customcontrast(tiny_adapter(tiny_sdxl_pipeline()))
-    assert dcc.injection.attached(pipe.unet).adapter is first
+    assert dcc.loaders.injection.attached(pipe.unet).adapter is first
     np.testing.assert_array_equal(generate(pipe, ip_adapter_image=make_subject_image(0)), references["loaded"])
 
 
@@ -593,7 +593,7 @@ def test_unload_ip_adapter_unloads_customcontrast_fully(references):
     pipe.unload_ip_adapter()  # diffusers: default processors, no projection, no image encoder
     with pytest.warns(UserWarning, match="taken off the UNet by another call.*fully unloaded"):
         np.testing.assert_array_equal(generate(pipe), references["base"])
-    assert dcc.injection.attached(pipe.unet) is None and not pipe.unet._forward_pre_hooks
+    assert dcc.loaders.injection.attached(pipe.unet) is None and not pipe.unet._forward_pre_hooks
     assert type(pipe.feature_extractor) is extractor_class and not encoder._forward_pre_hooks
     with pytest.raises(ValueError, match="No CustomContrast adapter is loaded"):
         pipe.set_customcontrast_scale(0.5)

@@ -37,7 +37,7 @@ from diffusers_customcontrast.data import (
     write_synthetic_dataset,
 )
 from diffusers_customcontrast.data.formats import read_image
-from diffusers_customcontrast.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
+from diffusers_customcontrast.testing.tiny_models import TINY_ADAPTER_CONFIG, tiny_sd15_pipeline
 from diffusers_customcontrast.training import TrainingConfig, train
 from diffusers_customcontrast.training import checkpoints as checkpoints_module
 from diffusers_customcontrast.training import trainer as trainer_module

@@ -15,7 +15,7 @@ from diffusers import (
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
-from diffusers_customcontrast.tiny_models import (
+from diffusers_customcontrast.testing.tiny_models import (
     make_subject_image,
     tiny_clip_tokenizer,
     tiny_image_encoder,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import diffusers_customcontrast  # noqa: F401  (registers pipe.load_customcontrast)
 from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
-from diffusers_customcontrast.tiny_models import (
+from diffusers_customcontrast.testing.tiny_models import (
     TINY_ADAPTER_CONFIG,
     make_subject_image,
     tiny_sd15_pipeline,

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from diffusers_customcontrast import AdapterLoadError, CustomContrastAdapter, load_adapter
-from diffusers_customcontrast.modeling.adapter import BASE_FAMILIES, FORMAT_VERSION
-from diffusers_customcontrast.serialization import adapter_from_state_dict
+from diffusers_customcontrast.loaders.serialization import adapter_from_state_dict
+from diffusers_customcontrast.models.adapter import BASE_FAMILIES, FORMAT_VERSION
 
 SETTINGS = settings(
     max_examples=60,

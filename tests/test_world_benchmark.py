@@ -14,7 +14,7 @@ from PIL import Image
 from diffusers_customcontrast import demo as demo_module
 from diffusers_customcontrast import load_customcontrast
 from diffusers_customcontrast.data.synthetic import BACKGROUNDS
-from diffusers_customcontrast.modeling import CustomContrastAdapter
+from diffusers_customcontrast.models import CustomContrastAdapter
 from diffusers_customcontrast.training.components import adapter_kwargs
 from diffusers_customcontrast.world import benchmark, load_synthetic_base, write_world
 from diffusers_customcontrast.world.evaluation import (

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..injection import attached
+from ..loaders.injection import attached
 from .dreambench import DreamBenchPrompt, DreamBenchSubject, References, dreambench_prompts, load_rgb, parse_references
 from .manifest import merge_manifest_shards, shard_path, write_manifest
 from .processes import ProcessSplitter, SingleProcess

@@ -114,7 +114,7 @@ def save_tiny_evaluation_models(output_dir: str | os.PathLike, seed: int = 0) ->
         Folder of each: ``clip``, ``dino``, ``imagereward``, ``imagereward_tokenizer``, ``pipeline``, ``adapter``.
     """
     # The pipeline builders are imported here: they pull in diffusers, which the metric models do not need.
-    from ..tiny_models import tiny_adapter, tiny_clip_tokenizer, tiny_sd15_pipeline
+    from ..testing.tiny_models import tiny_adapter, tiny_clip_tokenizer, tiny_sd15_pipeline
 
     root = Path(output_dir)
     folders = {name: root / name for name in ("clip", "dino", "imagereward", "imagereward_tokenizer")}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modeling.adapter import CustomContrastAdapter
+from ..models.adapter import CustomContrastAdapter
 from .serialization import AdapterLoadError, read_state_dict, resolve_file, safe_torch_load
 
 logger = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .attention_processor import CustomContrastAttnProcessor2_0
-from .image_projection import CustomContrastImageProjection
-from .modeling.adapter import CustomContrastAdapter
-from .modeling.unet_layout import attention_module
-from .recording import SubjectRecorder
+from ..attention_processor import CustomContrastAttnProcessor2_0
+from ..models.adapter import CustomContrastAdapter
+from ..models.image_projection import CustomContrastImageProjection
+from ..models.unet_layout import attention_module
+from ..recording import SubjectRecorder
 
 STATE_ATTRIBUTE = "_customcontrast"
 

@@ -18,9 +18,9 @@ from diffusers import DiffusionPipeline
 from diffusers.loaders import IPAdapterMixin
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from ..models.adapter import CustomContrastAdapter
+from ..recording import SubjectRecorder
 from . import injection, inputs
-from .modeling.adapter import CustomContrastAdapter
-from .recording import SubjectRecorder
 from .serialization import AdapterLoadError, load_adapter, resolve_file
 
 logger = logging.getLogger(__name__)

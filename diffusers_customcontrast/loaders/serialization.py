@@ -15,7 +15,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
-from .modeling.adapter import CustomContrastAdapter
+from ..models.adapter import CustomContrastAdapter
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = CustomContrastAdapter.config_name

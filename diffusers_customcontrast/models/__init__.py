@@ -1,7 +1,7 @@
 """The CustomContrast model: Q-Formers, the MFI encoder, per-layer heads and the adapter that holds them."""
 
 from .adapter import CustomContrastAdapter
-from .layer import CustomContrastLayer, SubjectLocationHead
+from .adapter_layer import CustomContrastLayer, SubjectLocationHead
 from .mfi_encoder import ImageContext, MFIEncoder, SubjectTokens, TVFusion
 from .qformer import QFormer, QFormerBlock
 from .unet_layout import CrossAttentionLayout, cross_attention_layout

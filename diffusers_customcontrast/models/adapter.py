@@ -13,7 +13,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .layer import CustomContrastLayer
+from .adapter_layer import CustomContrastLayer
 from .mfi_encoder import MFIEncoder, SubjectTokens
 from .unet_layout import CrossAttentionLayout, attention_module, cross_attention_layout
 

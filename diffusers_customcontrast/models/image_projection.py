@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modeling.mfi_encoder import ImageContext, MFIEncoder
-from .recording import SubjectRecorder
+from ..recording import SubjectRecorder
+from .mfi_encoder import ImageContext, MFIEncoder
 
 
 class CustomContrastImageProjection(nn.Module):

@@ -341,7 +341,7 @@ TINY_ADAPTER_CONFIG: dict = {
 
 def tiny_adapter(pipe: DiffusionPipeline, seed: int = 0, **config):
     """A fresh, randomly initialised CustomContrast adapter sized for ``pipe`` (``TINY_ADAPTER_CONFIG`` + ``config``)."""
-    from .modeling.adapter import CustomContrastAdapter
+    from ..models.adapter import CustomContrastAdapter
 
     with _seeded(seed):
         return CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, **{**TINY_ADAPTER_CONFIG, **config})

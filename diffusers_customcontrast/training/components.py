@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from ..modeling.adapter import CustomContrastAdapter
+from ..models.adapter import CustomContrastAdapter
 from .config import ConfigError, TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def build_adapter(config: TrainingConfig, base: BaseModel) -> CustomContrastAdap
     ``to_q``/``to_k`` projections must not get one once it lives inside the UNet.
     """
     if config.pretrained_adapter_name_or_path:
-        from ..serialization import load_adapter
+        from ..loaders.serialization import load_adapter
 
         adapter = load_adapter(config.pretrained_adapter_name_or_path)
         adapter.check_compatible(base.unet, base.image_encoder)
@@ -285,7 +285,7 @@ def build_adapter(config: TrainingConfig, base: BaseModel) -> CustomContrastAdap
             # Informative: the model card and a later load say which encoder the adapter was trained with.
             adapter.register_to_config(image_encoder=base.image_encoder_source)
     if config.init_from_ip_adapter:
-        from ..convert import load_ip_adapter_attention
+        from ..loaders.convert import load_ip_adapter_attention
 
         hub = {"subfolder": config.ip_adapter_subfolder} if config.ip_adapter_subfolder else {}
         load_ip_adapter_attention(adapter, config.init_from_ip_adapter, config.ip_adapter_weight_name, **hub)

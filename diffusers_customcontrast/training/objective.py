@@ -18,8 +18,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from .. import injection
-from ..loading import record_customcontrast
+from ..loaders import injection
+from ..loaders.pipeline import record_customcontrast
 from ..losses import (
     DEFAULT_LOSS_WEIGHT,
     cscl_loss,
@@ -29,7 +29,7 @@ from ..losses import (
     macl_loss,
     min_snr_weights,
 )
-from ..modeling.adapter import CustomContrastAdapter
+from ..models.adapter import CustomContrastAdapter
 from .batch import ObjectiveInputs
 
 __all__ = ["CustomContrastObjective", "LogitScale", "ObjectiveOutput", "ObjectiveSettings"]

@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .. import injection
+from ..loaders import injection
 from .components import BaseModel
 
 logger = get_logger(__name__)

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from ..data.synthetic import caption_words
-from ..tiny_models import tiny_clip_tokenizer
+from ..testing.tiny_models import tiny_clip_tokenizer
 
 SYNTHETIC_BASE_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "synthetic-base"
 """Folder of the shipped synthetic base pipeline."""

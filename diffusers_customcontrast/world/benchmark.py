@@ -45,9 +45,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..loading import load_customcontrast, set_customcontrast_scale, unload_customcontrast
-from ..modeling.adapter import CustomContrastAdapter
-from ..serialization import WEIGHTS_NAME
+from .. import CustomContrastAdapter, load_customcontrast, set_customcontrast_scale, unload_customcontrast
+from ..loaders import WEIGHTS_NAME
 from ..training import TrainingConfig, train
 from ..training.export import LOSS_HISTORY_NAME, LossHistory
 from ..training.trainer import TRAINING_CONFIG_NAME

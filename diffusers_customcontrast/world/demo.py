@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..loading import load_customcontrast, unload_customcontrast
+from .. import load_customcontrast, unload_customcontrast
 from ..training import train
 from ..training.export import LossHistory
 from .base_model import load_synthetic_base

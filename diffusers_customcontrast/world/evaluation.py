@@ -26,9 +26,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import set_customcontrast_scale
 from ..data.synthetic import BACKGROUNDS, caption_for, render_view, sample_scene
 from ..data.transforms import binarize_mask, subject_crop
-from ..loading import set_customcontrast_scale
 from .dataset import World
 from .judge import WorldJudge, colors_of, load_world_judge
 from .metrics import SubjectGallery, scene_obeyed

@@ -146,7 +146,3 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("Wrote a warm-started CustomContrast adapter to %s", args.output_dir)
     return Path(args.output_dir)
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()

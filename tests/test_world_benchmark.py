@@ -21,7 +21,6 @@ from diffusers_customcontrast.world.evaluation import (
     evaluate_on_world,
     evaluation_prompts,
     generate_world_images,
-    reference_image,
     render_prompt,
     score_world_images,
 )
@@ -153,7 +152,7 @@ def test_evaluation_prompts_cover_backgrounds_and_end_each_subject_with_a_sketch
 
 def test_reference_is_the_segmented_subject_on_white(world):
     subject_id = world.splits["heldout"][0]
-    reference = np.asarray(reference_image(world, subject_id))
+    reference = np.asarray(world.reference_image(subject_id))
     assert reference.shape[0] == reference.shape[1]
     assert (reference[0] == 255).all() and (reference[-1] == 255).all()  # margins are white, no background
 
@@ -223,7 +222,8 @@ def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, m
     results = benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "self_reconstruction,full"])
     assert results["seeds"] == 2 and set(results["runs"]) == {"self_reconstruction", "full"}
     metrics = {"identity_acc", "shape_acc", "colour_acc", "texture_acc", "controllability", "similarity"}
-    for row in (results["runs"]["full"], results["base_model"], results["real_renders"]):
+    rows = ("base_model", "base_model_colours_named", "real_renders")
+    for row in (results["runs"]["full"], *(results[name] for name in rows)):
         assert metrics <= set(row)
         for name in metrics:
             assert row[name]["low"] <= row[name]["mean"] <= row[name]["high"], name

@@ -58,7 +58,6 @@ from .evaluation import (
     evaluation_prompts,
     generate_world_images,
     judge_world_images,
-    reference_image,
     render_prompt,
 )
 from .intervals import bootstrap_intervals, interval
@@ -75,6 +74,7 @@ RESULTS_FILE = "results.json"
 GENERATION_RECORD = "generation.json"
 SAMPLE_SUBJECTS = 3
 BASE_MODEL = "base model (no subject)"
+BASE_MODEL_NAMED = "base model, colours named in the prompt"
 REAL_RENDERS = "real renders"
 PROMPT_SEED_STRIDE = 100_000  # prompt seeds of benchmark seed s start at s * stride: no two seeds share a noise
 
@@ -135,12 +135,13 @@ class BenchmarkSettings:
     def scales(self, run: str) -> list[float]:
         return sorted({1.0, *(self.sweep_scales if run in self.sweep else ())})
 
-    def prompts(self, world: World, seed: int) -> list[WorldPrompt]:
+    def prompts(self, world: World, seed: int, name_colors: bool = False) -> list[WorldPrompt]:
         return evaluation_prompts(
             world,
             num_subjects=self.eval_subjects,
             scenes_per_subject=self.scenes_per_subject,
             seed=seed * PROMPT_SEED_STRIDE,
+            name_colors=name_colors,
         )
 
     def run_dir(self, run: str, seed: int) -> Path:
@@ -165,15 +166,18 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     gallery = SubjectGallery.from_world(world, judge)
     pipe = load_synthetic_base()
 
-    def judged(run: str | None, seed: int, scale: float) -> ImageScores:
-        images = _generations(settings, world, run, seed, scale, pipe=None)
-        return judge_world_images(images, settings.prompts(world, seed), judge, gallery, world)
+    def judged(run: str | None, seed: int, scale: float, name_colors: bool = False) -> ImageScores:
+        images = _generations(settings, world, run, seed, scale, pipe=None, name_colors=name_colors)
+        return judge_world_images(images, settings.prompts(world, seed, name_colors), judge, gallery, world)
 
     renders = {seed: [render_prompt(world, p) for p in settings.prompts(world, seed)] for seed in settings.seeds}
     results: dict[str, Any] = {
         "seeds": len(settings.seeds),
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
         "base_model": bootstrap_intervals([judged(None, seed, 0.0) for seed in settings.seeds]),
+        "base_model_colours_named": bootstrap_intervals(
+            [judged(None, seed, 0.0, name_colors=True) for seed in settings.seeds]
+        ),
         "real_renders": bootstrap_intervals(
             [
                 judge_world_images(renders[seed], settings.prompts(world, seed), judge, gallery, world)
@@ -224,7 +228,9 @@ def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any]
     torch.set_num_threads(1)  # one thread per process is fastest on these shared cores (docs/synthetic_world.md)
     world = load_world(Path(settings.output_dir) / "world")
     if run is None:
-        _generations(settings, world, None, seed, 0.0, pipe=load_synthetic_base())
+        pipe = load_synthetic_base()
+        for name_colors in (False, True):
+            _generations(settings, world, None, seed, 0.0, pipe, name_colors)
         return
     config = world_training_config(
         world.split_dir("train"),
@@ -242,18 +248,24 @@ def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any]
 
 
 def _generations(
-    settings: BenchmarkSettings, world: World, run: str | None, seed: int, scale: float, pipe
+    settings: BenchmarkSettings,
+    world: World,
+    run: str | None,
+    seed: int,
+    scale: float,
+    pipe,
+    name_colors: bool = False,
 ) -> list[Image.Image]:
     """The images of one run, seed and scale: read back if made the same way, else generated with ``pipe``.
 
-    ``run=None`` is the base pipeline without a subject. Images are stored as PNG (lossless), with a
-    ``generation.json`` recording the prompts, sampler settings and adapter weights they were made with.
+    ``run=None`` is the base pipeline without a subject (``name_colors``: prompted with the subject's colours).
+    Images are stored as PNG (lossless), with a ``generation.json`` recording the prompts, sampler settings and
+    adapter weights they were made with.
     """
-    prompts = settings.prompts(world, seed)
+    prompts = settings.prompts(world, seed, name_colors)
     adapter = settings.run_dir(run, seed) if run is not None else None
-    folder = (
-        (adapter or Path(settings.output_dir) / "base_model" / f"seed_{seed}") / "generations" / f"scale_{scale:g}"
-    )
+    base = Path(settings.output_dir) / ("base_model_colours_named" if name_colors else "base_model") / f"seed_{seed}"
+    folder = (adapter or base) / "generations" / f"scale_{scale:g}"
     record = {
         "prompts": [dataclasses.asdict(p) for p in prompts],
         "num_inference_steps": settings.num_inference_steps,
@@ -367,7 +379,7 @@ def s_plus_retrieval(adapter_dir: Path, world: World, pipe, settings: BenchmarkS
         for position, info in enumerate(world.frames(sid))
         if info.view.style == "photo"
     ]
-    images = [reference_image(world, sid, position) for sid, position in frames]
+    images = [world.reference_image(sid, position) for sid, position in frames]
     pixels = pipe.feature_extractor(images=images, return_tensors="pt").pixel_values
     features = pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
     timesteps = torch.full((len(images),), settings.retrieval_timestep)
@@ -409,7 +421,12 @@ def _write_report(
     renders: dict[int, list[Image.Image]],
 ) -> None:
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    rows = [(BASE_MODEL, results["base_model"]), *results["runs"].items(), (REAL_RENDERS, results["real_renders"])]
+    rows = [
+        (BASE_MODEL_NAMED, results["base_model_colours_named"]),
+        (BASE_MODEL, results["base_model"]),
+        *results["runs"].items(),
+        (REAL_RENDERS, results["real_renders"]),
+    ]
     sweeps = [
         (f"{name} @ {point['scale']:g}", point) for name, points in results["sweeps"].items() for point in points
     ]
@@ -442,7 +459,7 @@ def _sample_grid(
     """References and images of the first subjects' prompts: the real renders, then a row per run."""
     subject_ids = list(dict.fromkeys(p.subject_id for p in prompts))[:SAMPLE_SUBJECTS]
     chosen = [i for i, p in enumerate(prompts) if p.subject_id in subject_ids]
-    references = [reference_image(world, sid) for sid in subject_ids]
+    references = [world.reference_image(sid) for sid in subject_ids]
     rows = [[*references, *(renders[i] for i in chosen)]]
     labels = [REAL_RENDERS]
     for name, images in samples.items():

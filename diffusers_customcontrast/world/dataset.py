@@ -46,6 +46,7 @@ from ..data.synthetic import (
     render_view,
     sample_scene,
 )
+from ..data.transforms import binarize_mask, subject_crop
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 WORLD_FILE = "world.json"
@@ -201,8 +202,15 @@ class World:
         return self._frames[subject_id]
 
     def reference_frame(self, subject_id: str) -> FrameInfo:
-        """Frame 0 of a subject: a plain photo, the natural reference image."""
+        """Ground truth of frame 0 of a subject: a plain photo, the natural reference (see :meth:`reference_image`)."""
         return self.frames(subject_id)[0]
+
+    def reference_image(self, subject_id: str, frame: int = 0) -> Image.Image:
+        """The reference image of a subject, as the trainer prepares references and the evaluation passes them:
+        frame ``frame`` (default the plain photo) segmented on white and cropped to the subject."""
+        info = self.frames(subject_id)[frame]
+        image = Image.open(info.image_path).convert("RGB")
+        return subject_crop(image, binarize_mask(Image.open(info.mask_path), image.size))
 
     def frame_info(self, image_path: str | os.PathLike) -> FrameInfo:
         """Ground truth of the frame stored at ``image_path`` (``<split>/<subject_id>/<stem>.png``)."""

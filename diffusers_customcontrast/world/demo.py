@@ -32,7 +32,7 @@ from ..training import train
 from ..training.export import LossHistory
 from .base_model import load_synthetic_base
 from .dataset import write_world
-from .evaluation import evaluate_on_world, evaluation_prompts, reference_image, render_prompt, score_world_images
+from .evaluation import evaluate_on_world, evaluation_prompts, render_prompt, score_world_images
 from .judge import load_world_judge
 from .metrics import SubjectGallery
 from .recipe import WORLD_ADAPTER_DIR, world_training_config
@@ -164,7 +164,7 @@ def _write_grid(path: Path, world, prompts, renders, adapted, base) -> None:
     subject_ids = list(dict.fromkeys(p.subject_id for p in prompts))
     for subject_id in subject_ids:
         chosen = [i for i, p in enumerate(prompts) if p.subject_id == subject_id]
-        reference = reference_image(world, subject_id)
+        reference = world.reference_image(subject_id)
         rows += [
             [reference, *(renders[i] for i in chosen)],
             [reference, *(adapted[i] for i in chosen)],

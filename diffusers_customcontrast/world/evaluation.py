@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from .. import set_customcontrast_scale
 from ..data.synthetic import BACKGROUNDS, caption_for, render_view, sample_scene
-from ..data.transforms import binarize_mask, subject_crop
 from .dataset import World
 from .judge import WorldJudge, colors_of, load_world_judge
 from .metrics import SubjectGallery, scene_obeyed
@@ -41,7 +40,6 @@ __all__ = [
     "evaluation_prompts",
     "generate_world_images",
     "judge_world_images",
-    "reference_image",
     "render_prompt",
     "score_world_images",
 ]
@@ -92,10 +90,13 @@ def evaluation_prompts(
     num_subjects: int | None = None,
     scenes_per_subject: int = 4,
     seed: int = 0,
+    name_colors: bool = False,
 ) -> list[WorldPrompt]:
     """The evaluation prompts: per subject ``scenes_per_subject - 1`` photos and one sketch.
 
-    Backgrounds are taken in turn over subjects, so every background appears about equally often.
+    Backgrounds are taken in turn over subjects, so every background appears about equally often. The prompts name
+    the class, the texture and the scene; ``name_colors`` also names the subject's colours (the captions the base
+    model can be asked to draw a subject from, without any subject image).
     """
     if scenes_per_subject < 2:
         raise ValueError(f"expected scenes_per_subject >= 2 (photos and a sketch), got {scenes_per_subject}")
@@ -106,16 +107,9 @@ def evaluation_prompts(
         for k in range(scenes_per_subject):
             background = BACKGROUNDS[(i * scenes_per_subject + k) % len(BACKGROUNDS)].name
             style = "sketch" if k == scenes_per_subject - 1 else "photo"
-            prompt = caption_for(subject, background, style=style)
+            prompt = caption_for(subject, background, style=style, name_colors=name_colors)
             prompts.append(WorldPrompt(subject_id, background, style, prompt, seed + len(prompts)))
     return prompts
-
-
-def reference_image(world: World, subject_id: str, frame: int = 0) -> Image.Image:
-    """Frame ``frame`` of a subject, segmented on white and cropped to the subject (the trainer's reference)."""
-    info = world.frames(subject_id)[frame]
-    image = Image.open(info.image_path).convert("RGB")
-    return subject_crop(image, binarize_mask(Image.open(info.mask_path), image.size))
 
 
 def render_prompt(world: World, prompt: WorldPrompt) -> Image.Image:
@@ -139,14 +133,14 @@ def generate_world_images(
     progress: bool = True,
     use_subject: bool = True,
 ) -> list[Image.Image]:
-    """Generate one image per prompt with its subject's :func:`reference_image`, one pipeline call per subject.
+    """Generate one image per prompt with its subject's reference (:meth:`World.reference_image`), one call per subject.
 
     One call per subject because diffusers' pipelines give every prompt of a call the same subject image.
     ``use_subject=False`` generates without one (a pipeline with no adapter loaded: the base model).
     """
     images: list[Image.Image] = []
     for subject_id, group in tqdm(_by_subject(prompts), desc="generating", disable=not progress, leave=False):
-        subject = {"ip_adapter_image": reference_image(world, subject_id)} if use_subject else {}
+        subject = {"ip_adapter_image": world.reference_image(subject_id)} if use_subject else {}
         images += pipe(
             [p.prompt for p in group],
             **subject,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,7 +41,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject, caption_for_view
+from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject, caption_for_view, render_view
 from ..data.transforms import binarize_mask, resize_center_crop, subject_crop
 from .base_model import (
     IMAGE_ENCODER_SIZE,
@@ -53,7 +54,7 @@ from .base_model import (
     build_unet,
     build_vae,
 )
-from .dataset import WorldSpec
+from .dataset import RenderedFrame, WorldSpec
 from .resumable import RunCheckpoints, run_steps
 
 STAGES: tuple[str, ...] = ("vae", "image_encoder", "unet")
@@ -83,11 +84,13 @@ class TrainBaseConfig:
     image_encoder_steps: int = 600
     image_encoder_batch_size: int = 64
     image_encoder_lr: float = 1e-3
-    unet_steps: int = 16000
+    unet_steps: int = 32000
+    unet_lr_cycles: int = 2
     unet_batch_size: int = 32
     unet_lr: float = 1e-3
     cfg_dropout: float = 0.1
     color_caption_prob: float = 0.5
+    unet_max_rotation: float = 360.0
     prediction_type: str = PREDICTION_TYPE
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.9995
@@ -145,11 +148,17 @@ class TrainingFrames:
         return Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
 
 
-def render_training_frames(spec: WorldSpec, split: str = "train") -> TrainingFrames:
-    """Render every frame of a split of ``spec`` (14,400 frames of 300 subjects x 48 take about 15 s)."""
+def render_training_frames(spec: WorldSpec, split: str = "train", max_rotation: float = 360.0) -> TrainingFrames:
+    """Render every frame of a split of ``spec`` (14,400 frames of 300 subjects x 48 take about 15 s).
+
+    With ``max_rotation`` below 360 every subject is turned by at most ``max_rotation / 2`` degrees either way (the
+    frame's drawn rotation mapped linearly onto that range; 0: upright), everything else as in the world.
+    """
     images, masks, captions, colored, subjects, sketch, attributes = [], [], [], [], [], [], []
     positions: dict[str, int] = {}
     for frame in spec.iter_frames(split):
+        if max_rotation < 360.0:
+            frame = _turned(frame, (frame.view.rotation / 360.0 - 0.5) * max_rotation, spec.size)
         positions.setdefault(frame.subject_id, len(positions))
         images.append(np.asarray(frame.image))
         masks.append(np.asarray(frame.mask) > 0)
@@ -167,6 +176,12 @@ def render_training_frames(spec: WorldSpec, split: str = "train") -> TrainingFra
         is_sketch=torch.tensor(sketch),
         attributes=torch.tensor(attributes),
     )
+
+
+def _turned(frame: RenderedFrame, rotation: float, size: int) -> RenderedFrame:
+    view = dataclasses.replace(frame.view, rotation=rotation)
+    image, mask = render_view(frame.subject, view, size)
+    return dataclasses.replace(frame, view=view, image=image, mask=mask)
 
 
 def _attribute_labels(subject: SyntheticSubject) -> list[int]:
@@ -408,7 +423,10 @@ def train_unet(
     modules = torch.nn.ModuleList([text_encoder, unet])
     ema = copy.deepcopy(modules).requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, config.unet_steps, warmup=min(100, config.unet_steps // 10))
+    cycle = config.unet_steps // config.unet_lr_cycles
+    schedule = _cosine_schedule(
+        optimizer, config.unet_steps, warmup=min(100, cycle // 10), cycles=config.unet_lr_cycles
+    )
 
     def step(index: int) -> dict[str, float]:
         rows = _batch_indices(len(mean), config.unet_batch_size, generator)
@@ -470,11 +488,21 @@ def _batch_indices(size: int, batch_size: int, generator: torch.Generator) -> to
     return torch.randint(0, size, (batch_size,), generator=generator)
 
 
-def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+def _cosine_schedule(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: int, cycles: int = 1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 5 % of the rate, over each of ``cycles`` equal parts of ``steps``.
+
+    Several cycles are warm restarts (SGDR): the rate climbs back and decays again, and the first cycle is the
+    schedule a run of ``steps / cycles`` steps has, so such a run can be continued into a longer one.
+    """
+    length = steps // cycles
+
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
+        position = step % length if step < length * cycles else length - 1
+        if position < warmup:
+            return (position + 1) / warmup
+        progress = (position - warmup) / max(1, length - warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -549,7 +577,9 @@ def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> Stab
     )
     unet, text_encoder, tokenizer = run(
         "unet",
-        lambda: train_unet(frames, vae, config, record, checkpoints, log),
+        lambda: train_unet(
+            render_training_frames(spec, max_rotation=config.unet_max_rotation), vae, config, record, checkpoints, log
+        ),
         lambda: (previous.unet, previous.text_encoder, previous.tokenizer),
     )
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, image_encoder, processor, config.prediction_type)

@@ -265,7 +265,9 @@ def unet_inputs(family: str, resolution: int, batch: int = 2, device: str | torc
     return inputs, image_features
 
 
-def call_unet(unet: nn.Module, inputs: dict, image_features: torch.Tensor | None) -> torch.Tensor:
+def call_unet(
+    unet: nn.Module, inputs: dict, image_features: torch.Tensor | None, cross_attention_kwargs: dict | None = None
+) -> torch.Tensor:
     """One UNet call as a pipeline makes it (the image features are the same tensor at every step)."""
     added = dict(inputs["added_cond_kwargs"])
     if image_features is not None:
@@ -275,6 +277,7 @@ def call_unet(unet: nn.Module, inputs: dict, image_features: torch.Tensor | None
         inputs["timestep"],
         encoder_hidden_states=inputs["encoder_hidden_states"],
         added_cond_kwargs=added or None,
+        cross_attention_kwargs=cross_attention_kwargs,
     ).sample
 
 

@@ -1,13 +1,15 @@
-"""The CustomContrast encoder's per-step work as a share of a UNet step, and its once-per-generation cost.
+"""The CustomContrast encoder's work per UNet step as a share of the step, beside IP-Adapter-Plus's Resampler.
 
-Per denoising step the encoder computes the timestep- and layer-dependent tokens of every cross-attention layer in
-one batched call (``MFIEncoder.encode_step``: the textual Q-Former over L x (Ns + 1) queries, the S+ projection and
-the TV fusion). The timestep-independent part (``MFIEncoder.encode_image``: image projection, visual Q-Former and the
-image keys/values of the textual Q-Former and the fusion) runs once per generation and is cached. For comparison,
-diffusers' IP-Adapter-Plus runs its whole Resampler (``unet.encoder_hid_proj``) at every step.
+Every UNet call runs the adapter once for all cross-attention layers (``adapter(features, timesteps)``: nothing is
+kept between calls). Its two halves, timed apart: ``MFIEncoder.encode_image`` (image projection, visual Q-Former and
+the image keys/values of the textual Q-Former and the fusion) depends on the image alone, so a caller that hands the
+step an image context computed once for the generation skips it; ``MFIEncoder.encode_step`` (the textual Q-Former
+over L x (Ns + 1) queries, the S+ projection and the TV fusion) runs at every step. diffusers' IP-Adapter-Plus runs
+its whole Resampler (``unet.encoder_hid_proj``) at every step.
 
-Each round times, alternating: one bare UNet step (batch 2 = CFG), then ``encode_step``, ``encode_image`` and
-IP-Adapter-Plus's Resampler, each the median of several calls. Full-size SD1.5 UNet at 256 and 512 px, SDXL at 512.
+Each round times, alternating: one bare UNet step (batch 2 = CFG), then the adapter's whole forward, ``encode_step``,
+``encode_image`` and IP-Adapter-Plus's Resampler, each the median of several calls. Full-size SD1.5 UNet at 256 and
+512 px, SDXL at 512.
 
     python benchmarks/encoder_step.py            # full run
     python benchmarks/encoder_step.py --quick    # SD1.5 at 256 px, 3 rounds
@@ -33,11 +35,12 @@ from common import (
 )
 from unet_step import build
 
-PARTS = ("unet_step", "encode_step", "encode_image", "ip_adapter_plus_resampler")
+PARTS = ("unet_step", "adapter", "encode_step", "encode_image", "ip_adapter_plus_resampler")
 LABELS = {
     "unet_step": "bare UNet step",
-    "encode_step": "CustomContrast encode_step (per step, all layers)",
-    "encode_image": "CustomContrast encode_image (once per generation)",
+    "adapter": "CustomContrast adapter(features, t) (every step, all layers)",
+    "encode_step": "... its encode_step (every step)",
+    "encode_image": "... its encode_image (every step, or once per generation if given)",
     "ip_adapter_plus_resampler": "IP-Adapter-Plus Resampler (runs every step)",
 }
 REPEATS = 5  # calls of each encoder part per round (they are short; the median is the round's figure)
@@ -51,6 +54,7 @@ def parts(unet, adapter, ip_adapter, inputs, features) -> dict:
         context = encoder.encode_image(features)
     functions = {
         "unet_step": lambda: call_unet(unet, inputs, None),
+        "adapter": lambda: adapter(features, timesteps),
         "encode_step": lambda: encoder.encode_step(context, timesteps),
         "encode_image": lambda: encoder.encode_image(features),
         "ip_adapter_plus_resampler": lambda: ip_adapter.projection([features[:, None]]),

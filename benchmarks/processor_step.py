@@ -27,6 +27,7 @@ from common import (
 )
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
+from diffusers_customcontrast import SubjectConditioning, SubjectTokens
 from diffusers_customcontrast.attention_processor import CustomContrastAttnProcessor2_0
 from diffusers_customcontrast.models.adapter_layer import CustomContrastLayer
 
@@ -43,7 +44,11 @@ def layers_for(resolution: int, batch: int = 2, seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     side = resolution // 8
     num_layers = len(SD15_LAYERS)
-    subject = torch.randn(batch, 1, num_layers, 2 * NUM_S_PLUS, CONTEXT, generator=generator)
+    # One subject's tokens for every layer, as the adapter's image projection hands them to the processors.
+    s_plus, visual = (torch.randn(batch, num_layers, NUM_S_PLUS, CONTEXT, generator=generator) for _ in range(2))
+    subject = SubjectConditioning(
+        tokens=SubjectTokens(s_plus, visual, None, None), timesteps=torch.full((batch,), 500)
+    )
     ip_tokens = torch.randn(batch, 1, IPA_TOKENS, CONTEXT, generator=generator)
     text = torch.randn(batch, 77, CONTEXT, generator=generator)
     layers = []

@@ -58,11 +58,13 @@ def bench_tiny(rounds: int, steps: int, resolution: int) -> dict[str, list[float
                 checkpointing_steps=None,
                 report_to="none",
                 output_dir=str(root / f"out-{round_index}-{contrastive}"),
-                adapter_hidden_size=32,
-                adapter_num_heads=4,
-                adapter_timestep_embed_dim=32,
-                adapter_visual_depth=1,
-                adapter_textual_depth=1,
+                adapter={
+                    "hidden_size": 32,
+                    "num_heads": 4,
+                    "timestep_embed_dim": 32,
+                    "visual_depth": 1,
+                    "textual_depth": 1,
+                },
                 **_settings(contrastive),
             )
             results[name].append(train(config).seconds_per_step)

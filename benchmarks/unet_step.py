@@ -1,10 +1,11 @@
 """One UNet denoising step (batch 2 = classifier-free guidance): bare vs CustomContrast vs diffusers' IP-Adapter-Plus.
 
-Full-size SD1.5 UNet (random weights) at 256 and 512 px, and SDXL at 512 px. The three configurations run on the
-same UNet object, alternating inside each round (the adapters are attached and detached between them, which is
-untimed). Each round and configuration times the first step after attaching (CustomContrast then encodes the
-image once: its timestep-independent part is cached for the generation) and then steady steps that reuse the same
-image-features tensor under ``torch.no_grad``, as a pipeline's denoising loop does.
+Full-size SD1.5 UNet (random weights) at 256 and 512 px, and SDXL at 512 px. The configurations run on the same UNet
+object, alternating inside each round (the adapters are attached and detached between them, which is untimed), each
+step under ``torch.no_grad`` as a pipeline's denoising loop runs it. CustomContrast is timed twice: as every step of a
+pipeline runs it (the subject features in, the whole adapter at every step: nothing is kept between calls), and with
+the image context computed once for the generation and handed to every step explicitly
+(``SubjectOptions(image_context=...)``: each step then runs only the timestep-dependent half of the encoder).
 
 Beside each measured ratio: the analytic FLOP ratio of the same step (``torch.utils.flop_counter``, matrix products,
 convolutions and attention), counted on a meta-device copy of the same models: the "physical minimum".
@@ -36,17 +37,25 @@ from common import (
     write_results,
 )
 
+from diffusers_customcontrast import SubjectOptions
 from diffusers_customcontrast.loaders import injection
 from diffusers_customcontrast.models.adapter import CustomContrastAdapter
 from diffusers_customcontrast.models.architectures import VIT_H_HIDDEN_SIZE, full_size_unet
 
-CONFIGS = ("bare", "customcontrast", "customcontrast_first", "ip_adapter_plus")
+CONFIGS = ("bare", "customcontrast", "customcontrast_image_context", "ip_adapter_plus")
 LABELS = {
     "bare": "bare UNet",
-    "customcontrast": "CustomContrast (steady step)",
-    "customcontrast_first": "CustomContrast (first step of a generation)",
+    "customcontrast": "CustomContrast (every step: features in)",
+    "customcontrast_image_context": "CustomContrast (image context given: per-step half only)",
     "ip_adapter_plus": "IP-Adapter-Plus (16 tokens)",
 }
+
+
+def image_context_options(adapter, features: torch.Tensor) -> dict:
+    """The call's ``cross_attention_kwargs`` with the subject's image context, computed once (as a caller would)."""
+    with torch.no_grad():
+        context = adapter.encoder.encode_image(features)
+    return {"customcontrast": SubjectOptions(image_context=context)}
 
 
 def build(family: str, meta: bool):
@@ -73,8 +82,9 @@ def flop_counts(family: str, resolution: int) -> dict[str, float]:
     with torch.no_grad():
         flops = {"bare": count_flops(lambda: call_unet(unet, inputs, None))}
         injection.attach(unet, adapter)
-        flops["customcontrast_first"] = count_flops(lambda: call_unet(unet, inputs, features))
         flops["customcontrast"] = count_flops(lambda: call_unet(unet, inputs, features))
+        options = image_context_options(adapter, features)
+        flops["customcontrast_image_context"] = count_flops(lambda: call_unet(unet, inputs, features, options))
         injection.detach(unet)
         ip_adapter.attach(unet)
         flops["ip_adapter_plus"] = count_flops(lambda: call_unet(unet, inputs, features))
@@ -83,28 +93,25 @@ def flop_counts(family: str, resolution: int) -> dict[str, float]:
 
 
 def configs_for(unet, adapter, ip_adapter, inputs, features) -> list[Config]:
-    def step(with_image: bool):
+    options = image_context_options(adapter, features)
+
+    def step(with_image: bool, cross_attention_kwargs: dict | None = None):
         def run():
             with torch.no_grad():
-                call_unet(unet, inputs, features if with_image else None)
+                call_unet(unet, inputs, features if with_image else None, cross_attention_kwargs)
 
         return run
 
-    def attach_warm():
-        """Attach, then encode the image as the generation's first step would (untimed): what later steps reuse."""
-        state = injection.attach(unet, adapter)
-        with torch.no_grad():
-            state.projection._image_context(features)
+    def attach() -> None:
+        injection.attach(unet, adapter)
+
+    def detach() -> None:
+        injection.detach(unet)
 
     return [
         Config("bare", step(False)),
-        Config("customcontrast", step(True), setup=attach_warm, teardown=lambda: injection.detach(unet)),
-        Config(
-            "customcontrast_first",
-            step(True),
-            setup=lambda: injection.attach(unet, adapter),
-            teardown=lambda: injection.detach(unet),
-        ),
+        Config("customcontrast", step(True), setup=attach, teardown=detach),
+        Config("customcontrast_image_context", step(True, options), setup=attach, teardown=detach),
         Config(
             "ip_adapter_plus",
             step(True),
@@ -120,6 +127,7 @@ def check_outputs(unet, adapter, ip_adapter, inputs, features) -> dict[str, floa
         bare = call_unet(unet, inputs, None)
         injection.attach(unet, adapter)
         cc = call_unet(unet, inputs, features)
+        given = call_unet(unet, inputs, features, image_context_options(adapter, features))
         injection.detach(unet)
         ip_adapter.attach(unet)
         ip = call_unet(unet, inputs, features)
@@ -127,6 +135,7 @@ def check_outputs(unet, adapter, ip_adapter, inputs, features) -> dict[str, floa
         again = call_unet(unet, inputs, None)
     return {
         "customcontrast_vs_bare_max_abs_diff": (cc - bare).abs().max().item(),
+        "image_context_given_vs_computed_max_abs_diff": (given - cc).abs().max().item(),
         "ip_adapter_plus_vs_bare_max_abs_diff": (ip - bare).abs().max().item(),
         "bare_after_detach_max_abs_diff": (again - bare).abs().max().item(),
     }

@@ -9,6 +9,7 @@ every diffusers pipeline::
 """
 
 from .attention_processor import CustomContrastAttnProcessor2_0
+from .conditioning import StepRecord, SubjectConditioning, SubjectOptions, SubjectRecording
 from .loaders.injection import attach, detach
 from .loaders.pipeline import (
     load_customcontrast,
@@ -18,9 +19,8 @@ from .loaders.pipeline import (
     unload_customcontrast,
 )
 from .loaders.serialization import AdapterLoadError, load_adapter
-from .models import CustomContrastAdapter, MFIEncoder, SubjectTokens
+from .models import CustomContrastAdapter, CustomContrastAdapterConfig, MFIEncoder, SubjectTokens
 from .models.image_projection import CustomContrastImageProjection
-from .recording import SubjectRecorder
 
 __version__ = "0.1.0"
 
@@ -29,10 +29,14 @@ register_pipeline_methods()
 __all__ = [
     "AdapterLoadError",
     "CustomContrastAdapter",
+    "CustomContrastAdapterConfig",
     "CustomContrastAttnProcessor2_0",
     "CustomContrastImageProjection",
     "MFIEncoder",
-    "SubjectRecorder",
+    "StepRecord",
+    "SubjectConditioning",
+    "SubjectOptions",
+    "SubjectRecording",
     "SubjectTokens",
     "attach",
     "detach",

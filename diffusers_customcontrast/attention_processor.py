@@ -1,15 +1,20 @@
 """``CustomContrastAttnProcessor2_0``: CustomContrast's injection into one cross-attention layer.
 
-``out = Attn_text(h; [c; s_l(t)]) + lambda_l * m_l(t) * Attn_vis(h; v_l(t))``
+For each subject image ``k`` of a call, with its region ``g_k`` (the user's mask, or the layer's timestep location
+map ``m_l(t)``)::
 
-The S+ tokens join the prompt's context in the frozen text cross-attention (so LoRA on ``to_k``/``to_v`` still applies),
-their attention logits shifted by ``log(beta_l)``; the visual branch reads the fused visual tokens through its own
-``to_k_ip``/``to_v_ip`` and is gated by the layer's timestep location map or by a user mask.
+    out = Attn_text(h; [c; s_l(t)_1 .. s_l(t)_n], S+ logits of subject k + log(beta_l g_k))
+          + sum_k lambda_l g_k Attn_vis(h; v_l(t)_k)
+
+The S+ tokens join the prompt's context in the frozen text cross-attention (so LoRA on ``to_k``/``to_v`` still
+applies); the log-bias multiplies their attention weight at each pixel by ``beta_l`` and by the subject's presence
+there, so a subject's S+ tokens reach its own region only (none at all where its mask is 0). The visual branch reads
+the fused visual tokens through the adapter's ``to_k_ip``/``to_v_ip``, gated by the same region. The processor keeps
+nothing between calls: the call's tokens, options and record arrive with the call
+(:class:`~diffusers_customcontrast.conditioning.SubjectConditioning`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +22,13 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from torch import nn
 
+from .conditioning import LayerScale, SubjectConditioning
 from .models.adapter_layer import CustomContrastLayer
 from .models.qformer import merge_heads, split_heads
-from .recording import SubjectRecorder
-
-Scale = float | list[float]
 
 
-def _per_subject(scale: Scale, num_subjects: int) -> list[float]:
+def per_subject_scales(scale: LayerScale, num_subjects: int) -> list[float]:
+    """``lambda_l`` of each subject image: one float for all, or a list with one per subject."""
     scales = scale if isinstance(scale, list) else [scale] * num_subjects
     if len(scales) != num_subjects:
         raise ValueError(f"Got {len(scales)} per-subject scales for {num_subjects} subject images.")
@@ -35,15 +39,17 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     r"""Attention processor of one cross-attention layer with a CustomContrast adapter.
 
     A subclass of diffusers' ``IPAdapterAttnProcessor2_0``, so diffusers treats it as an IP-Adapter processor
-    (``set_ip_adapter_scale`` sets ``scale``, ``unload_ip_adapter`` removes it, ``ip_adapter_masks`` reach it).
+    (``set_ip_adapter_scale`` sets ``scale``, ``unload_ip_adapter`` removes it, ``ip_adapter_masks`` reach it). Its
+    ``scale``, ``num_tokens``, ``to_k_ip`` and ``to_v_ip`` hold one entry per image adapter of the layer, as the
+    parent's do; CustomContrast's is entry ``entry_index``.
 
     Args:
         layer: the adapter's modules for this layer (shared, not copied).
         layer_index: index of this layer among the UNet's cross-attention layers.
-        num_s_plus_tokens: S+ tokens per subject in the packed tokens the image projection produces.
+        num_s_plus_tokens: S+ tokens per subject and layer (the adapter's ``num_textual_tokens``).
         scale: ``lambda_l``, weight of the visual branch (a float, or one float per subject image).
         s_plus_scale: ``beta_l``, multiplies the S+ tokens' attention weights (0 removes them).
-        recorder: where location maps are stored while recording (training, inspection).
+        entry_index: position of the adapter's entry in the call's image embeddings (load order).
     """
 
     def __init__(
@@ -51,27 +57,28 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         layer: CustomContrastLayer,
         layer_index: int,
         num_s_plus_tokens: int,
-        scale: Scale = 1.0,
+        scale: LayerScale = 1.0,
         s_plus_scale: float = 1.0,
-        recorder: SubjectRecorder | None = None,
+        entry_index: int = 0,
     ) -> None:
-        # The parent's constructor would allocate projections of its own; these are the adapter's, shared.
-        nn.Module.__init__(self)
-        self.hidden_size = layer.to_k_ip.out_features
-        self.cross_attention_dim = layer.to_k_ip.in_features
-        self.num_tokens = [num_s_plus_tokens]
-        self.scale = [scale]
-        self.s_plus_scale = s_plus_scale
-        self.layer_index = layer_index
-        # The same index as a tensor: torch.compile guards on int attributes, so slicing with the int would make
-        # diffusers' regional compilation (one graph for every transformer block) recompile for each layer.
-        self.register_buffer("layer_index_tensor", torch.tensor([layer_index]), persistent=False)
-        self.num_s_plus_tokens = num_s_plus_tokens
+        # The parent sets up its bookkeeping and a to_k_ip / to_v_ip pair of its own; built on the meta device (no
+        # memory, no initialisation), that pair is then replaced by the adapter's own, shared with the adapter.
+        with torch.device("meta"):
+            super().__init__(
+                hidden_size=layer.to_k_ip.out_features,
+                cross_attention_dim=layer.to_k_ip.in_features,
+                num_tokens=[num_s_plus_tokens],
+                scale=[scale],
+            )
         self.to_k_ip = nn.ModuleList([layer.to_k_ip])
         self.to_v_ip = nn.ModuleList([layer.to_v_ip])
         self.location = layer.location
-        self.recorder = recorder if recorder is not None else SubjectRecorder()
-        self._checked_masks: tuple[torch.Tensor, int] | None = None  # the last mask tensor whose values passed
+        self.s_plus_scale = s_plus_scale
+        self.layer_index = layer_index
+        self.entry_index = entry_index
+        # The same index as a tensor: torch.compile guards on int attributes, so slicing with the int would make
+        # diffusers' regional compilation (one graph for every transformer block) recompile for each layer.
+        self.register_buffer("layer_index_tensor", torch.tensor([layer_index]), persistent=False)
 
     def __call__(
         self,
@@ -81,11 +88,12 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         scale: float = 1.0,
-        ip_adapter_masks: torch.Tensor | list | None = None,
+        ip_adapter_masks: list | None = None,
     ) -> torch.Tensor:
-        subject_tokens = None
+        conditioning = None
         if isinstance(encoder_hidden_states, tuple):
-            encoder_hidden_states, (subject_tokens, *_) = encoder_hidden_states
+            encoder_hidden_states, image_entries = encoder_hidden_states
+            conditioning = image_entries[self.entry_index]
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -97,15 +105,20 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
+        query = split_heads(attn.to_q(hidden_states), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
 
-        s_plus = visual = None
-        if subject_tokens is not None and encoder_hidden_states is not None:
-            s_plus, visual = self._layer_tokens(subject_tokens, batch_size)
+        s_plus = s_plus_bias = visual = None
+        if conditioning is not None and encoder_hidden_states is not None:
+            masks = ip_adapter_masks[self.entry_index] if ip_adapter_masks is not None else None
+            s_plus, s_plus_bias, visual = self._subject_branches(attn, query, conditioning, masks)
 
-        hidden_states = self._text_attention(attn, query, hidden_states, encoder_hidden_states, attention_mask, s_plus)
+        hidden_states = self._text_attention(
+            attn, query, hidden_states, encoder_hidden_states, attention_mask, s_plus, s_plus_bias
+        )
         if visual is not None:
-            hidden_states = self._visual_attention(attn, query, hidden_states, visual, s_plus, ip_adapter_masks)
+            hidden_states = hidden_states + visual
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -115,22 +128,75 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _layer_tokens(self, subject_tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's S+ and visual tokens ``[B, n, Ns, D]`` from the packed ``[B_img, n, L, 2 Ns, D]`` tokens."""
-        index = self.layer_index_tensor.to(subject_tokens.device)
-        tokens = subject_tokens.index_select(2, index).squeeze(2)
-        image_batch = tokens.shape[0]
-        if image_batch != batch_size:
-            if batch_size % image_batch:
-                raise ValueError(
-                    f"The subject embeddings have batch size {image_batch}, which does not divide the prompt batch "
-                    f"size {batch_size}: pass one subject image per prompt, or one for all prompts."
-                )
-            # Pipelines order rows as [negative prompts..., positive prompts...] and the image rows the same way,
-            # so each image row serves a contiguous run of prompt rows.
-            tokens = tokens.repeat_interleave(batch_size // image_batch, dim=0)
-        ns = self.num_s_plus_tokens
-        return tokens[:, :, :ns], tokens[:, :, ns:]
+    def _subject_branches(
+        self, attn: Attention, query: torch.Tensor, conditioning: SubjectConditioning, masks: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """This layer's S+ context ``[B, n Ns, D]``, its log-bias ``[B, 1, N, n Ns]`` and the gated visual branch
+        ``[B, N, C]`` (each ``None`` when switched off)."""
+        scale, s_plus_scale = conditioning.layer_scales(
+            self.layer_index, self.scale[self.entry_index], self.s_plus_scale
+        )
+        s_plus, visual_tokens = conditioning.layer_tokens(self.layer_index_tensor)
+        batch, num_subjects, num_tokens = s_plus.shape[:3]
+        scales = per_subject_scales(scale, num_subjects)
+        use_visual, use_s_plus = any(s != 0 for s in scales), s_plus_scale != 0
+        if not (use_visual or use_s_plus):
+            return None, None, None
+
+        num_pixels = query.shape[2]
+        logits = None
+        if use_visual or masks is None:
+            key = self._split_subject_heads(self.to_k_ip[self.entry_index](visual_tokens.to(query.dtype)), attn.heads)
+            logits = self._visual_logits(attn, query, key).unflatten(-1, (num_subjects, num_tokens))
+        if masks is not None:
+            region = self._mask_regions(masks, batch, num_pixels).to(query.device)
+        else:
+            affinity = torch.logsumexp(logits, dim=-1).mean(dim=1)  # [B, N, n]
+            maps = self.location(affinity.transpose(1, 2).flatten(0, 1), s_plus.flatten(0, 1))  # [B n, N]
+            maps = maps.unflatten(0, (batch, num_subjects))
+            conditioning.record_location(self.layer_index, maps)
+            region = maps.transpose(1, 2)
+
+        s_plus_context = s_plus_bias = visual = None
+        if use_s_plus:
+            s_plus_context = s_plus.flatten(1, 2)
+            # log(beta g): each S+ token's attention weight at a pixel times beta and the subject's presence there.
+            s_plus_bias = torch.log(region * s_plus_scale).repeat_interleave(num_tokens, dim=-1)[:, None]
+        if use_visual:
+            value = self._split_subject_heads(
+                self.to_v_ip[self.entry_index](visual_tokens.to(query.dtype)), attn.heads
+            )
+            weights = region * torch.tensor(scales, dtype=region.dtype, device=region.device)  # lambda g, [B, N, n]
+            # Gating the probabilities is gating each subject's output (the product is linear), in one product for
+            # all subjects and without a pass over the [B, N, C] output per subject.
+            probs = logits.softmax(dim=-1) * weights[:, None, :, :, None]
+            visual = merge_heads(probs.flatten(-2).to(value.dtype) @ value).to(query.dtype)
+        return s_plus_context, s_plus_bias, visual
+
+    @staticmethod
+    def _split_subject_heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+        """``[B, n, Ns, C]`` -> ``[B, heads, n Ns, C / heads]``: every subject's tokens as keys of one attention."""
+        return split_heads(tokens.flatten(1, 2), heads)
+
+    @staticmethod
+    def _visual_logits(attn: Attention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, N, n Ns]`` float32 logits of the pixels on the subjects' visual tokens.
+
+        The query is scaled before the product, as ``scaled_dot_product_attention`` does, so half precision
+        overflows no sooner than the text branch; a layer with ``upcast_attention`` computes them in float32.
+        """
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        return ((query * attn.scale) @ key.transpose(-1, -2)).float()
+
+    @staticmethod
+    def _mask_regions(masks: torch.Tensor, batch: int, num_pixels: int) -> torch.Tensor:
+        """The user's ``[1 or B, n, H, W]`` masks at this layer's resolution, ``[B, N, n]`` in [0, 1].
+
+        Resized as diffusers resizes IP-Adapter masks (bicubic, which over- and undershoots at edges: clamped).
+        """
+        regions = [IPAdapterMaskProcessor.downsample(masks[:, k], batch, num_pixels, 1) for k in range(masks.shape[1])]
+        return torch.cat(regions, dim=-1).float().clamp(0, 1)
 
     def _text_attention(
         self,
@@ -140,109 +206,31 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         context: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         s_plus: torch.Tensor | None,
+        s_plus_bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The frozen text cross-attention over ``[c; s_l(t)]`` (or plain self-/cross-attention)."""
+        """The frozen text cross-attention over ``[c; S+]`` (or plain self-/cross-attention)."""
         batch_size = query.shape[0]
-        extra = 0
         if context is None:
             context = hidden_states
-        else:
-            if s_plus is not None and self.s_plus_scale != 0:
-                extra = s_plus.shape[1] * s_plus.shape[2]
-                context = torch.cat([context, s_plus.reshape(batch_size, extra, -1).to(context.dtype)], dim=1)
-            if attn.norm_cross:
-                context = attn.norm_encoder_hidden_states(context)
-        attention_mask = self._attention_bias(attn, attention_mask, query, context.shape[1], extra)
+        length = context.shape[1]
+        if s_plus is not None:
+            context = torch.cat([context, s_plus.to(context.dtype)], dim=1)
+        if attn.norm_cross and context is not hidden_states:
+            context = attn.norm_encoder_hidden_states(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if s_plus_bias is not None:
+            prompt_bias = attention_mask if attention_mask is not None else query.new_zeros(1, 1, 1, length)
+            heads = prompt_bias.shape[1]
+            prompt_bias = prompt_bias.expand(batch_size, heads, s_plus_bias.shape[2], length)
+            attention_mask = torch.cat([prompt_bias, s_plus_bias.to(query.dtype).expand(-1, heads, -1, -1)], dim=-1)
 
-        key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = split_heads(attn.to_k(context), attn.heads)
+        value = split_heads(attn.to_v(context), attn.heads)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        return hidden_states.to(query.dtype)
-
-    def _attention_bias(
-        self, attn: Attention, attention_mask: torch.Tensor | None, query: torch.Tensor, length: int, extra: int
-    ) -> torch.Tensor | None:
-        """The user's attention mask over the prompt, extended by the ``log(beta_l)`` bias of the S+ tokens."""
-        batch_size = query.shape[0]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, length - extra, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if extra == 0 or (attention_mask is None and self.s_plus_scale == 1):
-            return attention_mask
-        if attention_mask is None:
-            attention_mask = query.new_zeros(1, 1, 1, length - extra)
-        bias = attention_mask.new_full((*attention_mask.shape[:-1], extra), math.log(self.s_plus_scale))
-        return torch.cat([attention_mask, bias], dim=-1)
-
-    def _visual_attention(
-        self,
-        attn: Attention,
-        query: torch.Tensor,
-        hidden_states: torch.Tensor,
-        visual: torch.Tensor,
-        s_plus: torch.Tensor,
-        ip_adapter_masks: torch.Tensor | list | None,
-    ) -> torch.Tensor:
-        """Add ``lambda_l * m_l(t) * Attn_vis(h; v_l(t))`` for each subject image."""
-        batch_size, num_pixels, channels = hidden_states.shape
-        num_subjects = visual.shape[1]
-        scales = _per_subject(self.scale[0], num_subjects)
-        if all(s == 0 for s in scales):
-            return hidden_states
-        masks = self._subject_masks(ip_adapter_masks, num_subjects)
-        head_dim = channels // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        maps = []
-        for index, subject_scale in enumerate(scales):
-            if subject_scale == 0:
-                continue
-            tokens = visual[:, index].to(query.dtype)
-            key = split_heads(self.to_k_ip[0](tokens), attn.heads)
-            value = split_heads(self.to_v_ip[0](tokens), attn.heads)
-            logits = (query @ key.transpose(-1, -2)).float() * attn.scale
-            attended = merge_heads(logits.softmax(dim=-1).to(query.dtype) @ value)
-            if masks is not None:
-                gate = IPAdapterMaskProcessor.downsample(masks[:, index], batch_size, num_pixels, channels)
-                gate = gate.to(dtype=query.dtype, device=query.device)
-            else:
-                location = self.location(torch.logsumexp(logits, dim=-1).mean(dim=1), s_plus[:, index])
-                maps.append(location)
-                gate = location.to(query.dtype)[:, :, None]
-            hidden_states = hidden_states + subject_scale * attended * gate
-        if len(maps) == num_subjects and self.recorder.active:
-            self.recorder.record_location(self.layer_index, torch.stack(maps, dim=1))
-        return hidden_states
-
-    def _subject_masks(self, ip_adapter_masks: torch.Tensor | list | None, num_subjects: int) -> torch.Tensor | None:
-        """The user's masks for this adapter as ``[1, n, H, W]``, validated."""
-        if ip_adapter_masks is None:
-            return None
-        masks = ip_adapter_masks[0] if isinstance(ip_adapter_masks, list) else ip_adapter_masks
-        if masks is None:
-            return None
-        if not isinstance(masks, torch.Tensor) or masks.ndim != 4 or masks.shape[:2] != (1, num_subjects):
-            shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-            raise ValueError(
-                f"ip_adapter_masks must hold one [1, num_subjects, height, width] tensor with num_subjects = "
-                f"{num_subjects} (from IPAdapterMaskProcessor().preprocess), got {shape}."
-            )
-        # The values are checked once per mask tensor (not per layer and step): a NaN or 0..255 mask would scale
-        # the subject's branch without a word.
-        checked = self._checked_masks
-        if masks.device.type != "meta" and (
-            checked is None or checked[0] is not masks or checked[1] != masks._version
-        ):
-            if not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
-                raise ValueError(
-                    "ip_adapter_masks values must lie in [0, 1] (IPAdapterMaskProcessor().preprocess gives 0 or 1), "
-                    f"got [{masks.min().item():.4g}, {masks.max().item():.4g}]."
-                )
-            self._checked_masks = (masks, masks._version)
-        return masks
+        return merge_heads(hidden_states).to(query.dtype)

@@ -16,9 +16,9 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from .conditioning import OPTIONS_KEY, StepRecord
 from .loaders import injection
-from .loaders.pipeline import record_customcontrast, set_customcontrast_scale
-from .recording import SubjectRecorder
+from .loaders.pipeline import record_customcontrast
 
 
 @dataclass
@@ -33,9 +33,9 @@ class CustomContrastPipelineOutput(BaseOutput):
     location_maps: list[torch.Tensor] | None = None
 
 
-def mean_location_map(recorder: SubjectRecorder) -> torch.Tensor:
-    """The layer-mean of the last UNet call's location maps, at the largest layer's resolution."""
-    maps = list(recorder.location_maps.values())
+def mean_location_map(step: StepRecord) -> torch.Tensor:
+    """The layer-mean of one UNet call's location maps, at the largest layer's resolution."""
+    maps = list(step.location_maps.values())
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
     resized = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
     return torch.stack(resized).mean(dim=0).cpu()
@@ -45,7 +45,8 @@ class CustomContrastPipelineMixin:
     """Adds ``subject_image``, ``subject_scale``, ``s_plus_scale``, ``subject_masks`` and ``return_location_maps``.
 
     Mix it in before a diffusers pipeline class with ``IPAdapterMixin``. Scales given to a call apply to that call
-    only; the pipeline's own scales are restored afterwards.
+    only (they travel with its UNet calls; the pipeline's own scales are not touched, so threads sharing the
+    pipeline do not see them).
     """
 
     def __call__(
@@ -58,31 +59,21 @@ class CustomContrastPipelineMixin:
         return_location_maps: bool = False,
         **kwargs,
     ) -> CustomContrastPipelineOutput:
-        state = injection.attached(self.unet)
-        if state is None and (subject_image is not None or return_location_maps):
+        if injection.attached(self.unet) is None and (subject_image is not None or return_location_maps):
             raise ValueError("Load an adapter first: pipe.load_customcontrast(...).")
         if subject_image is not None:
             kwargs["ip_adapter_image"] = [list(subject_image)] if isinstance(subject_image, list) else subject_image
+        extra = {}
         if subject_masks is not None:
-            kwargs["cross_attention_kwargs"] = {
-                **(kwargs.get("cross_attention_kwargs") or {}),
-                "ip_adapter_masks": [self._subject_mask_tensor(subject_masks, kwargs)],
-            }
-
-        saved = {name: (p.scale, p.s_plus_scale) for name, p in state.processors.items()} if state else {}
+            extra["ip_adapter_masks"] = [self._subject_mask_tensor(subject_masks, kwargs)]
         if subject_scale is not None or s_plus_scale is not None:
-            set_customcontrast_scale(self, subject_scale, s_plus_scale)
-        maps: list[torch.Tensor] = []
-        try:
-            with record_customcontrast(self) if return_location_maps else nullcontext() as recorder:
-                if recorder is not None:
-                    kwargs["callback_on_step_end"] = self._collect_maps(
-                        recorder, maps, kwargs.get("callback_on_step_end")
-                    )
-                output = super().__call__(*args, **kwargs)
-        finally:
-            for name, (scale, beta) in saved.items():
-                state.processors[name].scale, state.processors[name].s_plus_scale = scale, beta
+            extra[OPTIONS_KEY] = injection.subject_options(self.unet, subject_scale, s_plus_scale)
+        if extra:
+            kwargs["cross_attention_kwargs"] = {**(kwargs.get("cross_attention_kwargs") or {}), **extra}
+
+        with record_customcontrast(self) if return_location_maps else nullcontext() as recording:
+            output = super().__call__(*args, **kwargs)
+        maps = [mean_location_map(step) for step in recording.steps if step.location_maps] if recording else None
 
         images, nsfw = (
             (output[0], output[1] if len(output) > 1 else None)
@@ -102,12 +93,3 @@ class CustomContrastPipelineMixin:
         width = kwargs.get("width") or self.default_sample_size * self.vae_scale_factor
         processed = IPAdapterMaskProcessor().preprocess(list(masks), height=height, width=width)
         return processed.reshape(1, len(masks), height, width)
-
-    @staticmethod
-    def _collect_maps(recorder: SubjectRecorder, maps: list[torch.Tensor], user_callback):
-        def callback(pipe, step, timestep, callback_kwargs):
-            if recorder.location_maps:
-                maps.append(mean_location_map(recorder))
-            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else callback_kwargs
-
-        return callback

@@ -1,5 +1,7 @@
 """Community pipeline: Stable Diffusion 1.5 with CustomContrast's friendlier subject arguments.
 
+Usage::
+
     pipe = DiffusionPipeline.from_pretrained(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         custom_pipeline="pipelines/pipeline_customcontrast_sd.py",

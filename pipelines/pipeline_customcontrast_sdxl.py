@@ -1,5 +1,7 @@
 """Community pipeline: SDXL with CustomContrast's friendlier subject arguments.
 
+Usage::
+
     pipe = DiffusionPipeline.from_pretrained(
         "stabilityai/stable-diffusion-xl-base-1.0",
         custom_pipeline="pipelines/pipeline_customcontrast_sdxl.py",

@@ -117,8 +117,13 @@ def test_newer_config_format(sd15_pipe, saved_adapter):
 
 def test_pipeline_without_ip_adapter_support(sd15_pipe):
     unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
     )
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
     with pytest.raises(ValueError, match="DDPMPipeline has no IP-Adapter support"):
@@ -173,11 +178,22 @@ def test_convert_command_line(sd15_pipe, tmp_path):
 
     sd15_pipe.save_pretrained(tmp_path / "base")
     torch.save(_ip_adapter_checkpoint(tiny_adapter(sd15_pipe)), tmp_path / "ip.bin")
-    output = main([
-        "--base_model", str(tmp_path / "base"), "--ip_adapter", str(tmp_path / "ip.bin"),
-        "--image_encoder", str(tmp_path / "base"), "--image_encoder_subfolder", "image_encoder",
-        "--output_dir", str(tmp_path / "out"), "--adapter_config", json.dumps({"hidden_size": 32, "num_heads": 4}),
-    ])
+    output = main(
+        [
+            "--base_model",
+            str(tmp_path / "base"),
+            "--ip_adapter",
+            str(tmp_path / "ip.bin"),
+            "--image_encoder",
+            str(tmp_path / "base"),
+            "--image_encoder_subfolder",
+            "image_encoder",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--adapter_config",
+            json.dumps({"hidden_size": 32, "num_heads": 4}),
+        ]
+    )
     sd15_pipe.load_customcontrast(str(output))
     layer = sd15_pipe.unet.attn_processors[dcc.load_adapter(output).config.layer_names[0]]
     assert torch.equal(layer.to_k_ip[0].weight, torch.ones_like(layer.to_k_ip[0].weight))

@@ -192,6 +192,33 @@ def test_img2img_inpaint_and_controlnet(sd15_pipe, sd15_controlnet_pipe, subject
     assert np.abs(generate(pipe, ip_adapter_image=subject_image, image=control_a) - both).max() > 1e-4
 
 
+def test_t2i_adapter_pipelines(sdxl_pipe, sd15_pipe, subject_image):
+    """SDXL's T2I-Adapter pipeline has IP-Adapter support and takes a subject; SD1.5's has none and is refused."""
+    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    def t2i_adapter(**kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, **kwargs)
+
+    pipe = StableDiffusionXLAdapterPipeline.from_pipe(
+        sdxl_pipe, adapter=t2i_adapter(downscale_factor=4, adapter_type="full_adapter_xl")
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_customcontrast(tiny_adapter(sdxl_pipe))
+    layout = make_subject_image(3)
+    with_subject = generate(pipe, ip_adapter_image=subject_image, image=layout)
+    pipe.set_customcontrast_scale(0.0, s_plus_scale=0.0)
+    assert np.abs(generate(pipe, ip_adapter_image=subject_image, image=layout) - with_subject).max() > 1e-4
+
+    components = {k: v for k, v in sd15_pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    sd15_t2i = StableDiffusionAdapterPipeline(
+        **components, adapter=t2i_adapter(downscale_factor=2), feature_extractor=None
+    )
+    with pytest.raises(ValueError, match="StableDiffusionAdapterPipeline has no IP-Adapter support"):
+        sd15_t2i.load_customcontrast(tiny_adapter(sd15_pipe))
+
+
 def test_sdxl_img2img(sdxl_pipe, subject_image):
     sdxl_pipe.load_customcontrast(tiny_adapter(sdxl_pipe))
     variant = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl_pipe)
@@ -226,13 +253,15 @@ def test_half_precision(sd15_pipe, subject_image, dtype):
 
 def test_location_maps_are_recorded(sd15_pipe, subject_image):
     adapter = sd15_pipe.load_customcontrast(tiny_adapter(sd15_pipe))
-    with dcc.record_customcontrast(sd15_pipe) as recorder:
+    with dcc.record_customcontrast(sd15_pipe) as recording:
         generate(sd15_pipe, ip_adapter_image=subject_image)
-    assert sorted(recorder.location_maps) == list(range(adapter.num_layers))
-    for maps in recorder.location_maps.values():
+    assert len(recording.steps) == STEPS["num_inference_steps"]  # one record per UNet call
+    assert [int(step.timesteps[0]) for step in recording.steps] == sd15_pipe.scheduler.timesteps.tolist()
+    assert sorted(recording.location_maps) == list(range(adapter.num_layers))
+    for maps in recording.location_maps.values():
         assert maps.shape[:2] == (2, 1) and maps.shape[2] == maps.shape[3]
         assert ((maps > 0) & (maps < 1)).all()
-    assert recorder.tokens.s_plus.shape[1] == adapter.num_layers
+    assert recording.tokens.s_plus.shape[1] == adapter.num_layers
 
 
 @pytest.mark.parametrize("family, layers, widths", [("sd15", 16, {320, 640, 1280}), ("sdxl", 70, {640, 1280})])
@@ -247,3 +276,25 @@ def test_full_size_layouts_on_meta(family, layers, widths):
     for name, layer in zip(adapter.config.layer_names, adapter.layers):
         attn = unet.get_submodule(name.removesuffix(".processor"))
         assert layer.to_k_ip.weight.shape == (attn.to_k.out_features, context)
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        {"up": {"block_0": [0.0, 1.0, 0.0]}},
+        {"down": 0.5, "mid": 0.25},
+        {"down": {"block_1": [0.3, 0.7]}, "up": 1.0},
+        {"mid": 2.0, "up": {"block_0": 0.5}},
+    ],
+)
+def test_per_block_scales_expand_as_diffusers_instantstyle(pipe, scale):
+    """Each layer gets the value diffusers' own IP-Adapter expansion gives it (unnamed blocks: 0)."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    adapter = pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(scale)
+    reference = _maybe_expand_lora_scales(pipe.unet, [scale], default_scale=0.0)[0]
+    processors = pipe.unet.attn_processors
+    for name in adapter.config.layer_names:
+        expected = next(v for block, v in reference.items() if name.startswith(block))
+        assert processors[name].scale == [expected], name

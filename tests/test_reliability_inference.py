@@ -464,7 +464,7 @@ def test_pipeline_level_input_errors(loaded_pipe):
         with pytest.raises(ValueError, match="subject features hold NaN or infinite values"):
             generate(loaded_pipe, ip_adapter_image_embeds=[bad])
     for shape in ((2, 257, 32), (2, 1, 257, 48)):
-        with pytest.raises(ValueError, match=r"subject features must be \[num_images, tokens, 32\]"):
+        with pytest.raises(ValueError, match=r"subject features must be a \[batch, num_subjects, tokens, 32\] tensor"):
             generate(loaded_pipe, ip_adapter_image_embeds=[torch.zeros(shape)])
 
 
@@ -678,3 +678,45 @@ def test_100_load_unload_cycles_leak_nothing(tmp_path, references, record_proper
     np.testing.assert_array_equal(generate(pipe), references["base"])
     pipe.load_customcontrast(str(tmp_path / "adapter"))
     assert np.isfinite(generate(pipe, ip_adapter_image=SUBJECT)).all()
+
+
+# ------------------------------------------------------------------------------------------------ call arguments
+
+
+def test_more_masks_than_adapters_is_refused(loaded_pipe):
+    mask = torch.ones(1, 1, 64, 64)
+    with pytest.raises(
+        ValueError, match=r"one mask tensor \(or None\) per loaded image adapter.*\(1: CustomContrast\), got 2"
+    ):
+        generate(loaded_pipe, ip_adapter_image=SUBJECT, cross_attention_kwargs={"ip_adapter_masks": [mask, mask]})
+
+
+@pytest.mark.parametrize("subject", ["ip_adapter_image", "ip_adapter_image_embeds"])
+def test_a_subject_without_an_adapter_is_refused(subject):
+    pipe = tiny_sd15_pipeline()
+    value = SUBJECT if subject == "ip_adapter_image" else [torch.zeros(2, 1, 257, 32)]
+    message = "has no image adapter loaded, so it cannot take ip_adapter_image or ip_adapter_image_embeds"
+    with pytest.raises(ValueError, match=message):  # never loaded
+        generate(pipe, **{subject: value})
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.unload_customcontrast()
+    with pytest.raises(ValueError, match=message):  # after unload
+        generate(pipe, **{subject: value})
+
+
+@pytest.mark.parametrize(
+    "scale, message",
+    [
+        ({"up": {"block_9": 1.0}}, r"Unknown block 'block_9' in the scale of 'up': this UNet's up blocks with "
+                                   r"cross-attention are block_0, block_1\."),
+        ({"upp": 1.0}, r"Unknown key 'upp' in the per-block scale dict: expected 'down', 'mid' or 'up'"),
+        ({"up": {"block_0": [1.0, 0.0]}}, r"The scale of up block_0 must be a number or a list of 3 numbers"),
+        ({"mid": [1.0]}, r"The scale of 'mid' must be a number, got \[1.0\]\."),
+        ({"down": "high"}, r"The scale of 'down' must be a number or a dict of 'block_<i>' entries"),
+    ],
+)  # fmt: skip
+def test_bad_per_block_scales_are_named(loaded_pipe, scale, message):
+    processors = {n: (p.scale, p.s_plus_scale) for n, p in cross_attention_processors(loaded_pipe).items()}
+    with pytest.raises(ValueError, match=message):
+        loaded_pipe.set_customcontrast_scale(scale)
+    assert {n: (p.scale, p.s_plus_scale) for n, p in cross_attention_processors(loaded_pipe).items()} == processors

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from diffusers_customcontrast import AdapterLoadError, CustomContrastAdapter, load_adapter
 from diffusers_customcontrast.loaders.serialization import adapter_from_state_dict
-from diffusers_customcontrast.models.adapter import BASE_FAMILIES, FORMAT_VERSION
+from diffusers_customcontrast.models.config import BASE_FAMILIES, FORMAT_VERSION
 
 SETTINGS = settings(
     max_examples=60,
@@ -56,7 +56,7 @@ REFERENCE_CONFIG = {
 def _reference_state_dict() -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        adapter = CustomContrastAdapter(**REFERENCE_CONFIG)
+        adapter = CustomContrastAdapter.from_config(REFERENCE_CONFIG)
     return {k: v.detach().clone() for k, v in adapter.state_dict().items()}
 
 
@@ -177,7 +177,7 @@ def _rules_hold(config: dict) -> bool:
 def _same_shapes(config: dict) -> bool:
     """Whether a valid ``config`` asks for the reference tensor shapes (then the reference weights must load)."""
     with torch.device("meta"):
-        expected = CustomContrastAdapter(**config).state_dict()
+        expected = CustomContrastAdapter.from_config(config).state_dict()
     return expected.keys() == REFERENCE_STATE.keys() and all(
         expected[k].shape == REFERENCE_STATE[k].shape for k in expected
     )

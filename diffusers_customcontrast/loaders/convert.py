@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base_model", required=True, help="hub id or folder of the base pipeline (its unet/)")
-    parser.add_argument("--ip_adapter", required=True, help="IP-Adapter checkpoint file, or repo/folder with --weight_name")
+    parser.add_argument(
+        "--ip_adapter", required=True, help="IP-Adapter checkpoint file, or repo/folder with --weight_name"
+    )
     parser.add_argument("--weight_name", default=None)
     parser.add_argument("--subfolder", default=None, help="subfolder of the IP-Adapter checkpoint in its repo")
     parser.add_argument("--image_encoder", default=None, help="hub id or folder of the CLIP image encoder")
@@ -145,4 +147,3 @@ def main(argv: list[str] | None = None) -> Path:
         image_encoder.save_pretrained(Path(args.output_dir, "image_encoder"))
     logger.info("Wrote a warm-started CustomContrast adapter to %s", args.output_dir)
     return Path(args.output_dir)
-

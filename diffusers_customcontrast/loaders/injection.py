@@ -2,8 +2,13 @@
 
 Attaching installs one :class:`CustomContrastAttnProcessor2_0` per cross-attention layer, puts the adapter's image
 side in ``unet.encoder_hid_proj`` (where every ``IPAdapterMixin`` pipeline feeds image features) and registers a
-forward pre-hook that hands the step's timestep to it. Nothing is registered as a pipeline component. Detaching
-restores the saved processors, projection, config value and hooks, so the UNet computes exactly what it did before.
+forward pre-hook. Nothing is registered as a pipeline component. Detaching restores the saved processors, projection,
+config value and hooks, so the UNet computes exactly what it did before.
+
+The pre-hook gives each UNet call its own subject: it returns the call's arguments with the adapter's entry of
+``added_cond_kwargs["image_embeds"]`` wrapped, together with the call's timesteps and options, into a
+:class:`~diffusers_customcontrast.conditioning.SubjectConditioning` (new dicts and lists: the caller's stay as they
+were). It also checks the call's subject inputs, once per call rather than in every layer.
 
 Other calls replace attention processors wholesale (``enable_attention_slicing``, ``fuse_qkv_projections``,
 ``set_attn_processor``, ``unload_ip_adapter``). The pre-hook checks, before every UNet call, that the adapter is still
@@ -14,24 +19,28 @@ under our processors is an error. The UNet never runs with half an adapter.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import numbers
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..attention_processor import CustomContrastAttnProcessor2_0
+from ..conditioning import OPTIONS_KEY, LayerScale, StepRecord, SubjectConditioning, SubjectOptions, active_recordings
 from ..models.adapter import CustomContrastAdapter
-from ..models.image_projection import CustomContrastImageProjection
+from ..models.image_projection import CustomContrastImageProjection, MultiSubjectImageProjection
 from ..models.unet_layout import attention_module
-from ..recording import SubjectRecorder
 
 STATE_ATTRIBUTE = "_customcontrast"
 
-LayerScale = float | list[float]
 ScaleSpec = float | dict | Sequence[LayerScale]
 
 
@@ -40,15 +49,16 @@ class AttachedAdapter:
     """What :func:`attach` changed on a UNet, so that :func:`detach` can undo exactly that."""
 
     adapter: CustomContrastAdapter
-    recorder: SubjectRecorder
     projection: CustomContrastImageProjection
     processors: dict[str, CustomContrastAttnProcessor2_0]
     original_processors: dict[str, object]
     original_encoder_hid_proj: nn.Module | None
     original_encoder_hid_dim_type: str | None
     hook: RemovableHandle
+    forward_parameters: tuple[str, ...]  # the UNet's forward arguments in order, to read positional ones by name
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the Attention module of each processor
     cleanups: list[Callable[[], None]] = field(default_factory=list)  # run by detach (e.g. input normalisation)
+    entry_index: int = 0  # position of the adapter's projection in encoder_hid_proj and its entry in image_embeds
 
 
 def attached(unet: nn.Module) -> AttachedAdapter | None:
@@ -80,13 +90,10 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
     check_can_attach(unet, adapter)
     detach(unet)
 
-    recorder = SubjectRecorder()
-    projection = CustomContrastImageProjection(adapter.encoder, recorder)
+    projection = CustomContrastImageProjection(adapter.encoder)
     original_processors = dict(unet.attn_processors)
     processors = {
-        name: CustomContrastAttnProcessor2_0(
-            layer, index, adapter.config.num_textual_tokens, scale=scale, recorder=recorder
-        )
+        name: CustomContrastAttnProcessor2_0(layer, index, adapter.config.num_textual_tokens, scale=scale)
         for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True))
     }
     # set_attn_processor empties the dict it is given: hand it a copy.
@@ -94,16 +101,16 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
 
     state = AttachedAdapter(
         adapter=adapter,
-        recorder=recorder,
         projection=projection,
         processors=processors,
         original_processors=original_processors,
         original_encoder_hid_proj=unet.encoder_hid_proj,
         original_encoder_hid_dim_type=unet.config.encoder_hid_dim_type,
         hook=unet.register_forward_pre_hook(_before_unet_forward, with_kwargs=True),
+        forward_parameters=tuple(inspect.signature(type(unet).forward).parameters)[1:],
         modules={name: attention_module(unet, name) for name in processors},
     )
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.encoder_hid_proj = MultiSubjectImageProjection([projection])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     setattr(unet, STATE_ATTRIBUTE, state)
     return state
@@ -119,7 +126,6 @@ def detach(unet: nn.Module) -> CustomContrastAdapter | None:
     if state is None:
         return None
     state.hook.remove()
-    state.projection.clear_cache()
     current = unet.attn_processors
     unet.set_attn_processor(
         {
@@ -184,48 +190,285 @@ def reconcile(unet: nn.Module) -> AttachedAdapter | None:
     return state
 
 
-def _before_unet_forward(unet: nn.Module, args: tuple, kwargs: dict) -> None:
-    """UNet forward pre-hook: check that the adapter is whole and has a subject, and hand it the step's timestep."""
+def _before_unet_forward(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """UNet forward pre-hook: the call's arguments, with this call's :class:`SubjectConditioning` in them."""
     state = reconcile(unet)
     if state is None:
-        return
-    added_cond_kwargs = args[7] if len(args) > 7 else kwargs.get("added_cond_kwargs")
-    if not added_cond_kwargs or "image_embeds" not in added_cond_kwargs:
+        return None
+    call = {**dict(zip(state.forward_parameters, args)), **kwargs}
+    added_cond_kwargs = call.get("added_cond_kwargs") or {}
+    if "image_embeds" not in added_cond_kwargs:
         raise ValueError(
             "A CustomContrast adapter is loaded, so the pipeline needs a subject: pass ip_adapter_image= (or "
             "ip_adapter_image_embeds=), or call pipe.unload_customcontrast() to generate without one."
         )
-    state.projection.capture_step(unet, args, kwargs)
+    image_embeds = added_cond_kwargs["image_embeds"]
+    num_adapters = len(unet.encoder_hid_proj.image_projection_layers)
+    if not isinstance(image_embeds, list) or len(image_embeds) != num_adapters:
+        got = f"{len(image_embeds)} entries" if isinstance(image_embeds, list) else f"a {type(image_embeds).__name__}"
+        raise ValueError(
+            f"added_cond_kwargs['image_embeds'] must be a list with one entry per loaded image adapter "
+            f"({num_adapters}), got {got}."
+        )
+    cross_attention_kwargs = dict(call.get("cross_attention_kwargs") or {})
+    options = cross_attention_kwargs.pop(OPTIONS_KEY, None)
+    if options is not None and not isinstance(options, SubjectOptions):
+        raise ValueError(
+            f"cross_attention_kwargs['{OPTIONS_KEY}'] must be a SubjectOptions, got {type(options).__name__}."
+        )
+    conditioning = _conditioning(
+        unet, state, image_embeds[state.entry_index], call["sample"], call["timestep"], options
+    )
+    if cross_attention_kwargs.get("ip_adapter_masks") is not None:
+        cross_attention_kwargs["ip_adapter_masks"] = _checked_masks(
+            cross_attention_kwargs["ip_adapter_masks"], num_adapters, state.entry_index, conditioning
+        )
+    entries = list(image_embeds)
+    entries[state.entry_index] = conditioning
+    call["added_cond_kwargs"] = {**added_cond_kwargs, "image_embeds": entries}
+    if call.get("cross_attention_kwargs") is not None or cross_attention_kwargs:
+        call["cross_attention_kwargs"] = cross_attention_kwargs
+    return (), call
 
 
-def _expand_scale(unet: nn.Module, names: Sequence[str], scale: ScaleSpec, what: str) -> list[LayerScale]:
+def _conditioning(
+    unet: nn.Module,
+    state: AttachedAdapter,
+    entry: torch.Tensor | SubjectConditioning,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    options: SubjectOptions | None,
+) -> SubjectConditioning:
+    """The adapter's entry of one call's image embeddings, with everything its processors need from the call."""
+    batch = sample.shape[0]
+    timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+    if timesteps.numel() == 1:
+        timesteps = timesteps.expand(batch)
+    elif timesteps.numel() != batch:
+        raise ValueError(
+            f"Got {timesteps.numel()} timesteps for a batch of {batch} latents: pass one timestep, or one per latent."
+        )
+    if isinstance(entry, SubjectConditioning):
+        conditioning = entry
+        if entry.tokens is not None and entry.tokens.s_plus.shape[0] != batch * entry.num_subjects:
+            raise ValueError(
+                f"The given subject tokens have {entry.tokens.s_plus.shape[0]} rows, but a batch of {batch} latents "
+                f"with {entry.num_subjects} subjects each needs {batch * entry.num_subjects}."
+            )
+    else:
+        features = _checked_features(entry, state.adapter.config.image_embed_dim, batch)
+        conditioning = SubjectConditioning(image_embeds=features, num_subjects=features.shape[1])
+    context = options.image_context if options is not None else None
+    if context is not None and context.visual_cls.shape[0] != batch * conditioning.num_subjects:
+        raise ValueError(
+            f"The image context has {context.visual_cls.shape[0]} rows, but a batch of {batch} latents with "
+            f"{conditioning.num_subjects} subjects each needs {batch * conditioning.num_subjects}: encode the "
+            "call's own subject features (the negative rows first under guidance)."
+        )
+    record = conditioning.record
+    recordings = active_recordings(unet)
+    if record is None and recordings:
+        record = StepRecord()
+        for opened in recordings:
+            opened.steps.append(record)
+    if record is not None:
+        record.timesteps = timesteps
+    return dataclasses.replace(
+        conditioning,
+        timesteps=timesteps if conditioning.timesteps is None else conditioning.timesteps,
+        sample_size=tuple(sample.shape[-2:]),
+        options=options if options is not None else conditioning.options,
+        record=record,
+    )
+
+
+def _can_read(tensor: torch.Tensor) -> bool:
+    """Whether a check may look at the values: not while torch.compile traces (a data-dependent branch would break
+    the graph), not on the meta device (shape-only runs, e.g. FLOP counts)."""
+    return not torch.compiler.is_compiling() and tensor.device.type != "meta"
+
+
+def _checked_features(features: Any, width: int, batch: int) -> torch.Tensor:
+    """The subject features of a call, ``[batch, num_subjects, tokens, width]``, one row per latent."""
+    if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[-1] != width:
+        shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(
+            f"The subject features must be a [batch, num_subjects, tokens, {width}] tensor (ip_adapter_image_embeds: "
+            f"a list with one such tensor, the negative rows first under guidance, as "
+            f"pipe.prepare_ip_adapter_image_embeds returns), got {shape}."
+        )
+    rows = features.shape[0]
+    if rows != batch:
+        if batch % rows:
+            raise ValueError(
+                f"The subject embeddings have batch size {rows}, which does not divide the prompt batch size "
+                f"{batch}: pass one subject image per prompt, or one for all prompts."
+            )
+        # Pipelines order rows as [negative prompts..., positive prompts...] and the image rows the same way, so
+        # each image row serves a contiguous run of prompt rows.
+        features = features.repeat_interleave(batch // rows, dim=0)
+    if _can_read(features) and not torch.isfinite(features).all():
+        raise ValueError(
+            "The subject features hold NaN or infinite values (from ip_adapter_image_embeds, or an image encoder "
+            "that overflowed, e.g. in float16): CustomContrast would produce a NaN image."
+        )
+    return features
+
+
+def _checked_masks(
+    masks: Any, num_adapters: int, entry_index: int, conditioning: SubjectConditioning
+) -> list[torch.Tensor | None]:
+    """``ip_adapter_masks`` as diffusers reads them (one entry per image adapter), with CustomContrast's checked."""
+    if isinstance(masks, torch.Tensor):  # diffusers' older form: [num_adapters, 1, height, width]
+        masks = list(masks.unsqueeze(1))
+    if not isinstance(masks, list) or len(masks) != num_adapters:
+        got = f"{len(masks)} entries" if isinstance(masks, list) else f"a {type(masks).__name__}"
+        raise ValueError(
+            f"ip_adapter_masks must be a list with one mask tensor (or None) per loaded image adapter, in load order "
+            f"({num_adapters}: CustomContrast), got {got}."
+        )
+    mask = masks[entry_index]
+    if mask is None:
+        return masks
+    num_subjects = conditioning.num_subjects
+    batch = conditioning.timesteps.shape[0]
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.ndim != 4
+        or mask.shape[1] != num_subjects
+        or mask.shape[0] not in (1, batch)
+    ):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"ip_adapter_masks must hold one [1, num_subjects, height, width] tensor with num_subjects = "
+            f"{num_subjects} (from IPAdapterMaskProcessor().preprocess), got {shape}."
+        )
+    # A NaN or 0..255 mask would scale the subject's branches without a word.
+    if _can_read(mask) and (not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1):
+        raise ValueError(
+            "ip_adapter_masks values must lie in [0, 1] (IPAdapterMaskProcessor().preprocess gives 0 or 1), "
+            f"got [{mask.min().item():.4g}, {mask.max().item():.4g}]."
+        )
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------------- scales
+
+_PARTS = ("down", "mid", "up")
+_POSITION = re.compile(r"^(?:(?P<part>down|up)_blocks\.(?P<block>\d+)|mid_block)\.attentions\.(?P<attention>\d+)\.")
+_BLOCK_KEY = re.compile(r"^block_(\d+)$")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _block_scales(names: Sequence[str], scale: Mapping[str, Any], what: str) -> list[float]:
+    """One value per layer from an InstantStyle-style dict (``{"down": ..., "mid": ..., "up": {"block_1": [...]}}``).
+
+    A part is a number (every layer in it) or, for ``down`` and ``up``, a dict of ``block_<i>`` entries, each a number
+    or a list with one value per attention module of the block. Unnamed parts and blocks get 0: the subject reaches
+    only the blocks the user chose.
+    """
+    positions = []
+    for name in names:
+        match = _POSITION.match(name)
+        if match is None:
+            raise ValueError(
+                f"A per-block {what} dict needs diffusers' layer names ('down_blocks.<i>.attentions.<j>...'), but "
+                f"this UNet has '{name}': pass a float or a per-layer list."
+            )
+        block = match["block"]
+        positions.append((match["part"] or "mid", None if block is None else int(block), int(match["attention"])))
+    attentions: dict[tuple[str, int | None], int] = {}
+    for part, block, attention in positions:
+        attentions[part, block] = max(attentions.get((part, block), 0), attention + 1)
+
+    chosen: dict[tuple[str, int | None], float | list] = {}
+    for part, value in scale.items():
+        if part not in _PARTS:
+            raise ValueError(
+                f"Unknown key {part!r} in the per-block {what} dict: expected 'down', 'mid' or 'up' "
+                "(e.g. {'up': {'block_0': [0.0, 1.0, 0.0]}})."
+            )
+        blocks = sorted(b for p, b in attentions if p == part)
+        if _is_number(value):
+            chosen.update({(part, b): value for b in blocks})
+            continue
+        if part == "mid" or not isinstance(value, Mapping):
+            kinds = "a number" if part == "mid" else "a number or a dict of 'block_<i>' entries"
+            raise ValueError(f"The {what} of '{part}' must be {kinds}, got {value!r}.")
+        for key, block_value in value.items():
+            match = _BLOCK_KEY.match(key) if isinstance(key, str) else None
+            if match is None or int(match[1]) not in blocks:
+                known = ", ".join(f"block_{b}" for b in blocks) or "none"
+                raise ValueError(
+                    f"Unknown block {key!r} in the {what} of '{part}': this UNet's {part} blocks with "
+                    f"cross-attention are {known}."
+                )
+            count = attentions[part, int(match[1])]
+            values = block_value if isinstance(block_value, (list, tuple)) else [block_value]
+            if not all(map(_is_number, values)) or (isinstance(block_value, (list, tuple)) and len(values) != count):
+                raise ValueError(
+                    f"The {what} of {part} {key} must be a number or a list of {count} numbers (one per attention "
+                    f"module of the block), got {block_value!r}."
+                )
+            chosen[part, int(match[1])] = block_value
+    result = []
+    for part, block, attention in positions:
+        value = chosen.get((part, block), 0.0)
+        result.append(float(value[attention] if isinstance(value, (list, tuple)) else value))
+    return result
+
+
+def expand_scale(names: Sequence[str], scale: ScaleSpec, what: str) -> list[LayerScale]:
     """One value per cross-attention layer from a float, a per-block dict (InstantStyle) or a per-layer list."""
-    if isinstance(scale, dict):
-        # Blocks a dict does not name get 0: the subject reaches only the blocks the user chose.
-        by_block = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)[0]
-        return [next((v for block, v in by_block.items() if name.startswith(block)), 0.0) for name in names]
+    if isinstance(scale, Mapping):
+        return _block_scales(names, scale, what)
     if isinstance(scale, (list, tuple)):
         if len(scale) != len(names):
             raise ValueError(
                 f"A per-layer {what} list needs one value per cross-attention layer ({len(names)}), got {len(scale)}."
             )
         return list(scale)
-    if isinstance(scale, (int, float)):
+    if _is_number(scale):
         return [float(scale)] * len(names)
     raise ValueError(f"{what} must be a float, a per-block dict or a per-layer list, got {type(scale).__name__}.")
 
 
-def set_scale(unet: nn.Module, scale: ScaleSpec | None = None, s_plus_scale: ScaleSpec | None = None) -> None:
-    """Set ``lambda_l`` (visual branch) and/or ``beta_l`` (S+ tokens) of every layer; ``None`` keeps a value."""
+def subject_options(
+    unet: nn.Module, scale: ScaleSpec | None = None, s_plus_scale: ScaleSpec | None = None
+) -> SubjectOptions:
+    """:class:`SubjectOptions` for one call, from the same specifications as :func:`set_scale`."""
+    names = _loaded(unet).adapter.config.layer_names
+    return SubjectOptions(
+        scale=None if scale is None else tuple(expand_scale(names, scale, "scale")),
+        s_plus_scale=None if s_plus_scale is None else tuple(_s_plus_scales(names, s_plus_scale)),
+    )
+
+
+def _s_plus_scales(names: Sequence[str], s_plus_scale: ScaleSpec) -> list[float]:
+    values = expand_scale(names, s_plus_scale, "s_plus_scale")
+    for name, value in zip(names, values, strict=True):
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"s_plus_scale must be a number >= 0 for every layer, got {value!r} at '{name}'.")
+    return [float(v) for v in values]
+
+
+def _loaded(unet: nn.Module) -> AttachedAdapter:
     state = reconcile(unet)
     if state is None:
         raise ValueError("No CustomContrast adapter is loaded: call load_customcontrast() first.")
+    return state
+
+
+def set_scale(unet: nn.Module, scale: ScaleSpec | None = None, s_plus_scale: ScaleSpec | None = None) -> None:
+    """Set ``lambda_l`` (visual branch) and/or ``beta_l`` (S+ tokens) of every layer; ``None`` keeps a value."""
+    state = _loaded(unet)
     names = list(state.processors)
     if scale is not None:
-        for name, value in zip(names, _expand_scale(unet, names, scale, "scale"), strict=True):
+        for name, value in zip(names, expand_scale(names, scale, "scale"), strict=True):
             state.processors[name].scale = [value]
     if s_plus_scale is not None:
-        for name, value in zip(names, _expand_scale(unet, names, s_plus_scale, "s_plus_scale"), strict=True):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"s_plus_scale must be a number >= 0 for every layer, got {value!r} at '{name}'.")
-            state.processors[name].s_plus_scale = float(value)
+        for name, value in zip(names, _s_plus_scales(names, s_plus_scale), strict=True):
+            state.processors[name].s_plus_scale = value

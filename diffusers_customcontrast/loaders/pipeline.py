@@ -1,15 +1,17 @@
 """The pipeline methods: ``load_customcontrast``, ``unload_customcontrast``, ``set_customcontrast_scale``.
 
-They work on any diffusers pipeline with ``IPAdapterMixin`` (SD1.5 and SDXL, txt2img, img2img, inpaint, ControlNet,
-T2I-Adapter): the subject image then travels through the pipeline's own ``ip_adapter_image=`` argument.
-Importing ``diffusers_customcontrast`` makes them methods of every ``DiffusionPipeline``.
+They work on any diffusers pipeline with ``IPAdapterMixin`` (SD1.5 and SDXL: txt2img, img2img, inpaint, ControlNet;
+the T2I-Adapter pipeline of SDXL, not SD1.5's ``StableDiffusionAdapterPipeline``, which has no IP-Adapter support):
+the subject image then travels through the pipeline's own ``ip_adapter_image=`` argument. Importing
+``diffusers_customcontrast`` makes them methods of every ``DiffusionPipeline``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,8 +20,8 @@ from diffusers import DiffusionPipeline
 from diffusers.loaders import IPAdapterMixin
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from ..models.adapter import CustomContrastAdapter
-from ..recording import SubjectRecorder
+from ..conditioning import SubjectRecording, recording
+from ..models.adapter import CustomContrastAdapter, select_image_features
 from . import injection, inputs
 from .serialization import AdapterLoadError, load_adapter, resolve_file
 
@@ -92,7 +94,8 @@ def load_customcontrast(
 
     Everything is checked before the pipeline is changed: when loading fails, the pipeline (and an adapter loaded
     before) is left exactly as it was. While the adapter is loaded, subject images are normalised before the
-    pipeline's feature extractor sees them (see :mod:`diffusers_customcontrast.inputs`).
+    pipeline's feature extractor sees them (see :mod:`diffusers_customcontrast.loaders.inputs`), and an adapter
+    trained on other image encoder hidden states than the penultimate is fed those.
     """
     _check_pipeline(pipe)
     unet = pipe.unet
@@ -118,11 +121,13 @@ def load_customcontrast(
         pipe.register_modules(image_encoder=image_encoder.to(pipe.device))
     _ensure_feature_extractor(pipe)
     # ModelMixin.to warns about fp32-pinned modules whenever a dtype is given, even with none (diffusers 0.42).
-    torch.nn.Module.to(adapter, device=unet.device, dtype=dtype)
+    torch.nn.Module.to(adapter, device=_weights_device(pipe), dtype=dtype)
     state = injection.attach(unet, adapter, scale=scale)
-    state.cleanups.append(
-        inputs.install(getattr(pipe, "feature_extractor", None), getattr(pipe, "image_encoder", None))
-    )
+    encoder = getattr(pipe, "image_encoder", None)
+    state.cleanups.append(inputs.install(getattr(pipe, "feature_extractor", None), encoder))
+    feature_layers = adapter.adapter_config.image_feature_layers
+    if encoder is not None and feature_layers != (-2,):
+        state.cleanups.append(_feed_feature_layers(encoder, feature_layers))
     logger.info("Loaded CustomContrast adapter (%d layers) into %s.", adapter.num_layers, type(pipe).__name__)
     return adapter
 
@@ -152,25 +157,85 @@ def set_customcontrast_scale(
 
 
 @contextmanager
-def record_customcontrast(pipe_or_unet: DiffusionPipeline | torch.nn.Module) -> Iterator[SubjectRecorder]:
-    """Within the block, keep the subject tokens and per-layer location maps of the last UNet call.
+def record_customcontrast(pipe_or_unet: DiffusionPipeline | torch.nn.Module) -> Iterator[SubjectRecording]:
+    """Within the block, keep what the adapter computes in each UNet call made by this thread.
 
-    ``recorder.location_maps`` maps a layer index to ``[batch, num_subjects, h, w]`` maps in (0, 1).
+    ``recording.steps`` holds one :class:`~diffusers_customcontrast.conditioning.StepRecord` per UNet call, in
+    order: its ``tokens`` and ``location_maps`` (layer index -> ``[batch, num_subjects, h, w]`` maps in (0, 1)).
+    ``recording.location_maps`` and ``recording.tokens`` are the last call's. Other threads' calls are not recorded.
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    state = injection.reconcile(unet)
-    if state is None:
+    if injection.reconcile(unet) is None:
         raise ValueError("No CustomContrast adapter is loaded: call load_customcontrast() first.")
-    state.recorder.clear()
-    state.recorder.active = True
-    try:
-        yield state.recorder
-    finally:
-        state.recorder.active = False
+    with recording(unet) as opened:
+        yield opened
+
+
+def _weights_device(pipe: DiffusionPipeline) -> torch.device:
+    """Where the adapter's weights go: beside the UNet's, or, when accelerate's sequential offload keeps every UNet
+    weight on the meta device, on the device the pipeline computes on."""
+    device = next((p.device for p in pipe.unet.parameters() if not p.is_meta), None)
+    # diffusers has no public accessor for the device an offloaded pipeline computes on; its pipelines' own
+    # __call__ reads this property.
+    return device if device is not None else pipe._execution_device
+
+
+def _feed_feature_layers(image_encoder: torch.nn.Module, layers: tuple[int, ...]) -> Callable[[], None]:
+    """Make the image encoder's penultimate hidden state, which diffusers' ``encode_image`` hands to image adapters,
+    the features the adapter was trained on (``image_feature_layers``); returns the undo."""
+
+    def select_features(module: torch.nn.Module, args: tuple, kwargs: dict, output):
+        hidden_states = getattr(output, "hidden_states", None)
+        if hidden_states is not None:
+            features = select_image_features(hidden_states, layers)
+            output.hidden_states = (*hidden_states[:-2], features, hidden_states[-1])
+        return output
+
+    return image_encoder.register_forward_hook(select_features, with_kwargs=True).remove
+
+
+def _require_image_adapter(prepare: Callable) -> Callable:
+    """``prepare_ip_adapter_image_embeds`` refusing, in one sentence, a subject when no image adapter is loaded."""
+
+    @functools.wraps(prepare)
+    def prepare_ip_adapter_image_embeds(self, *args, **kwargs):
+        unet = getattr(self, "unet", None)
+        if unet is not None:
+            injection.reconcile(unet)  # a CustomContrast adapter in pieces gets its own error first
+        if unet is not None and getattr(unet, "encoder_hid_proj", None) is None:
+            raise ValueError(
+                f"{type(self).__name__} has no image adapter loaded, so it cannot take ip_adapter_image or "
+                "ip_adapter_image_embeds: call pipe.load_customcontrast(...) (or pipe.load_ip_adapter(...)) first."
+            )
+        return prepare(self, *args, **kwargs)
+
+    prepare_ip_adapter_image_embeds.requires_image_adapter = True
+    return prepare_ip_adapter_image_embeds
+
+
+def _guard_ip_adapter_route(cls: type) -> None:
+    # diffusers' pipelines read unet.encoder_hid_proj.image_projection_layers without checking that an adapter is
+    # loaded ("'NoneType' object has no attribute 'image_projection_layers'"; with precomputed embeddings they
+    # silently generate without the subject), and no hook runs before: the check goes on the method itself.
+    prepare = cls.__dict__.get("prepare_ip_adapter_image_embeds")
+    if prepare is not None and not getattr(prepare, "requires_image_adapter", False):
+        cls.prepare_ip_adapter_image_embeds = _require_image_adapter(prepare)
+
+
+def _guard_subclasses(cls: type, **kwargs) -> None:
+    super(IPAdapterMixin, cls).__init_subclass__(**kwargs)
+    _guard_ip_adapter_route(cls)
 
 
 def register_pipeline_methods() -> None:
-    """Make the functions above methods of every ``DiffusionPipeline`` (done on import)."""
+    """Make the functions above methods of every ``DiffusionPipeline``, and give every IP-Adapter pipeline class
+    (imported now or later) a one-sentence error for a subject without an adapter (done on import)."""
     DiffusionPipeline.load_customcontrast = load_customcontrast
     DiffusionPipeline.unload_customcontrast = unload_customcontrast
     DiffusionPipeline.set_customcontrast_scale = set_customcontrast_scale
+    pending = list(IPAdapterMixin.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        _guard_ip_adapter_route(cls)
+        pending.extend(cls.__subclasses__())
+    IPAdapterMixin.__init_subclass__ = classmethod(_guard_subclasses)

@@ -71,7 +71,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types, and OSError for short files
-            raise AdapterLoadError(f"'{path}' is not a valid safetensors file (truncated or corrupt): {error}") from error
+            raise AdapterLoadError(
+                f"'{path}' is not a valid safetensors file (truncated or corrupt): {error}"
+            ) from error
     state_dict = safe_torch_load(path)
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items()

@@ -1,14 +1,19 @@
-"""The CustomContrast model: Q-Formers, the MFI encoder, per-layer heads and the adapter that holds them."""
+"""The CustomContrast model: its config, Q-Formers, the MFI encoder, per-layer heads and the adapter that holds them."""
 
-from .adapter import CustomContrastAdapter
+from .adapter import CustomContrastAdapter, select_image_features
 from .adapter_layer import CustomContrastLayer, SubjectLocationHead
+from .config import ARCHITECTURE_OPTIONS, BASE_FAMILIES, FORMAT_VERSION, CustomContrastAdapterConfig
 from .mfi_encoder import ImageContext, MFIEncoder, SubjectTokens, TVFusion
 from .qformer import QFormer, QFormerBlock
 from .unet_layout import CrossAttentionLayout, cross_attention_layout
 
 __all__ = [
+    "ARCHITECTURE_OPTIONS",
+    "BASE_FAMILIES",
+    "FORMAT_VERSION",
     "CrossAttentionLayout",
     "CustomContrastAdapter",
+    "CustomContrastAdapterConfig",
     "CustomContrastLayer",
     "ImageContext",
     "MFIEncoder",
@@ -18,4 +23,5 @@ __all__ = [
     "SubjectTokens",
     "TVFusion",
     "cross_attention_layout",
+    "select_image_features",
 ]

@@ -5,8 +5,10 @@ conditioned on the diffusion timestep ``t`` and the cross-attention layer ``l``,
 ``s_l(t)`` and a textual CLS token. The TV fusion lets the textual tokens attend over the visual tokens; its attention
 weights ``A_l(t)`` re-weight the visual tokens into the tokens that the layer's visual cross-attention reads.
 
-The work splits in two so inference pays for the image once per generation: :meth:`MFIEncoder.encode_image`
-depends on the image alone, :meth:`MFIEncoder.encode_step` on the timestep and runs all layers in one call.
+The work splits in two: :meth:`MFIEncoder.encode_image` depends on the image alone, :meth:`MFIEncoder.encode_step`
+on the timestep, and runs all layers in one call. ``forward`` runs both, or only the second for an image context the
+caller computed once for a generation. Call the module itself: accelerate's offload hooks load a module's weights
+when its ``forward`` runs, and the learned queries belong to this module.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
+from .config import CustomContrastAdapterConfig
 from .qformer import KeysValues, QFormer, merge_heads, split_heads
 
 
@@ -40,10 +43,6 @@ class SubjectTokens:
     visual: torch.Tensor  # [B, L, Ns, D_ctx]: read by layer l's visual cross-attention
     visual_cls: torch.Tensor  # [B, H]
     textual_cls: torch.Tensor  # [B, L, H]
-
-    def pack(self) -> torch.Tensor:
-        """``[B, L, 2 * Ns, D_ctx]``: the S+ tokens, then the visual tokens, of every layer."""
-        return torch.cat([self.s_plus, self.visual], dim=2)
 
 
 class TVFusion(nn.Module):
@@ -75,49 +74,31 @@ class TVFusion(nn.Module):
 class MFIEncoder(nn.Module):
     """Visual Q-Former, timestep- and layer-conditioned textual Q-Former, and TV fusion.
 
-    Args:
-        image_embed_dim: width of the image features ``F`` (CLIP vision hidden size, times the number of hidden
-            layers concatenated).
-        cross_attention_dim: the UNet's context width ``D_ctx`` (768 for SD1.5, 2048 for SDXL).
-        num_layers: number of cross-attention layers ``L`` of the UNet.
-        hidden_size, num_heads: width and heads of both Q-Formers.
-        visual_depth, textual_depth: number of blocks of each Q-Former.
-        num_visual_tokens: ``Nv``, visual tokens besides the visual CLS.
-        num_textual_tokens: ``Ns``, S+ tokens per layer (and fused visual tokens per layer).
-        timestep_embed_dim: width of the sinusoidal timestep features.
-        mlp_ratio: MLP expansion of the Q-Former blocks.
+    Its shape is that of ``config`` (a :class:`CustomContrastAdapterConfig`): ``image_embed_dim`` wide features in,
+    ``num_layers`` x ``num_textual_tokens`` S+ and fused visual tokens of width ``cross_attention_dim`` out.
     """
 
-    def __init__(
-        self,
-        image_embed_dim: int,
-        cross_attention_dim: int,
-        num_layers: int,
-        hidden_size: int = 768,
-        num_heads: int = 12,
-        visual_depth: int = 4,
-        textual_depth: int = 2,
-        num_visual_tokens: int = 16,
-        num_textual_tokens: int = 8,
-        timestep_embed_dim: int = 256,
-        mlp_ratio: float = 4.0,
-    ) -> None:
+    def __init__(self, config: CustomContrastAdapterConfig) -> None:
         super().__init__()
-        self.num_layers = num_layers
-        self.num_textual_tokens = num_textual_tokens
-        self.image_proj = nn.Sequential(nn.LayerNorm(image_embed_dim), nn.Linear(image_embed_dim, hidden_size))
+        hidden, heads = config.hidden_size, config.num_heads
+        self.num_layers = config.num_layers
+        self.num_textual_tokens = config.num_textual_tokens
+        self.image_proj = nn.Sequential(
+            nn.LayerNorm(config.image_embed_dim), nn.Linear(config.image_embed_dim, hidden)
+        )
 
-        self.visual_queries = nn.Parameter(torch.randn(1 + num_visual_tokens, hidden_size) * 0.02)
-        self.visual_qformer = QFormer(hidden_size, num_heads, visual_depth, mlp_ratio)
+        self.visual_queries = nn.Parameter(torch.randn(1 + config.num_visual_tokens, hidden) * 0.02)
+        self.visual_qformer = QFormer(hidden, heads, config.visual_depth, config.mlp_ratio)
 
-        self.textual_queries = nn.Parameter(torch.randn(num_textual_tokens + 1, hidden_size) * 0.02)
-        self.time_proj = Timesteps(timestep_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(timestep_embed_dim, hidden_size)
-        self.layer_embedding = nn.Embedding(num_layers, hidden_size)
-        self.textual_qformer = QFormer(hidden_size, num_heads, textual_depth, mlp_ratio)
+        self.textual_queries = nn.Parameter(torch.randn(config.num_textual_tokens + 1, hidden) * 0.02)
+        self.time_proj = Timesteps(config.timestep_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(config.timestep_embed_dim, hidden)
+        self.layer_embedding = nn.Embedding(config.num_layers, hidden)
+        self.textual_qformer = QFormer(hidden, heads, config.textual_depth, config.mlp_ratio)
 
-        self.s_plus_proj = nn.Sequential(nn.Linear(hidden_size, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
-        self.tv_fusion = TVFusion(hidden_size, cross_attention_dim, num_heads)
+        context = config.cross_attention_dim
+        self.s_plus_proj = nn.Sequential(nn.Linear(hidden, context), nn.LayerNorm(context))
+        self.tv_fusion = TVFusion(hidden, context, heads)
 
     def encode_image(self, image_features: torch.Tensor) -> ImageContext:
         """The timestep-independent part: visual Q-Former and the image keys of the textual Q-Former and fusion."""
@@ -139,7 +120,7 @@ class MFIEncoder(nn.Module):
         dtype = image.visual_cls.dtype
         timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
         time = self.time_embedding(self.time_proj(timesteps).to(dtype))
-        layers = self.layer_embedding.weight.to(dtype)
+        layers = self.layer_embedding(torch.arange(self.num_layers, device=time.device)).to(dtype)
         queries = self.textual_queries + time[:, None, None, :] + layers[None, :, None, :]
         textual = self.textual_qformer(queries, image.textual_kv)
 
@@ -151,6 +132,13 @@ class MFIEncoder(nn.Module):
             textual_cls=textual[:, :, ns],
         )
 
-    def forward(self, image_features: torch.Tensor, timesteps: torch.Tensor) -> SubjectTokens:
-        """Encode ``[B, P, image_embed_dim]`` image features at ``timesteps`` (``[B]`` or a scalar)."""
-        return self.encode_step(self.encode_image(image_features), timesteps)
+    def forward(
+        self, image_features: torch.Tensor, timesteps: torch.Tensor, image_context: ImageContext | None = None
+    ) -> SubjectTokens:
+        """Encode ``[B, P, image_embed_dim]`` image features at ``timesteps`` (``[B]`` or a scalar).
+
+        ``image_context``, their :meth:`encode_image` computed beforehand (once for a whole generation), skips that
+        half of the work.
+        """
+        image = image_context if image_context is not None else self.encode_image(image_features)
+        return self.encode_step(image, timesteps)

@@ -49,7 +49,9 @@ def cross_attention_layout(unet: nn.Module) -> CrossAttentionLayout:
     modules = [attention_module(unet, name) for name in names]
     context_dims = {module.to_k.in_features for module in modules}
     if len(context_dims) != 1:
-        raise ValueError(f"The UNet's cross-attention layers read contexts of different widths: {sorted(context_dims)}.")
+        raise ValueError(
+            f"The UNet's cross-attention layers read contexts of different widths: {sorted(context_dims)}."
+        )
     cross_attention_dim = context_dims.pop()
     return CrossAttentionLayout(
         names=names,

@@ -67,7 +67,7 @@ class BaseModel:
         image_processor: CLIPImageProcessor | None = None,
         source: str | None = None,
     ) -> BaseModel:
-        """Take the modules of an in-memory pipeline (shared, not copied); e.g. one of :mod:`..tiny_models`."""
+        """Take the modules of an in-memory pipeline (shared, not copied); e.g. one of :mod:`..testing.tiny_models`."""
         image_encoder = image_encoder if image_encoder is not None else getattr(pipe, "image_encoder", None)
         if image_encoder is None:
             raise ConfigError("The pipeline has no image_encoder: pass a CLIP vision model as image_encoder.")
@@ -120,7 +120,7 @@ def _move(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> 
 
 
 def _default_image_processor(image_encoder: nn.Module) -> CLIPImageProcessor:
-    # OpenAI CLIP normalisation at the encoder's resolution: what loading.py gives pipelines without one.
+    # OpenAI CLIP normalisation at the encoder's resolution: what loaders/pipeline.py gives pipelines without one.
     size = image_encoder.config.image_size
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
 
@@ -248,19 +248,8 @@ def _load_image_processor(source: str, index: dict, image_encoder: nn.Module, hu
 
 
 def adapter_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """The :class:`CustomContrastAdapter` shape options of ``config``."""
-    return {
-        "hidden_size": config.adapter_hidden_size,
-        "num_heads": config.adapter_num_heads,
-        "visual_depth": config.adapter_visual_depth,
-        "textual_depth": config.adapter_textual_depth,
-        "num_visual_tokens": config.adapter_num_visual_tokens,
-        "num_textual_tokens": config.adapter_num_textual_tokens,
-        "timestep_embed_dim": config.adapter_timestep_embed_dim,
-        "mlp_ratio": config.adapter_mlp_ratio,
-        "location_init_bias": config.adapter_location_init_bias,
-        "image_feature_layers": list(config.image_feature_layers),
-    }
+    """The :class:`~diffusers_customcontrast.models.CustomContrastAdapterConfig` options of a run's new adapter."""
+    return {**config.adapter, "image_feature_layers": list(config.image_feature_layers)}
 
 
 def build_adapter(config: TrainingConfig, base: BaseModel) -> CustomContrastAdapter:
@@ -279,11 +268,10 @@ def build_adapter(config: TrainingConfig, base: BaseModel) -> CustomContrastAdap
             base.unet,
             base.image_encoder,
             init_from_unet=config.init_from_ip_adapter is None,
+            # Informative: the model card and a later load say which encoder the adapter was trained with.
+            image_encoder=base.image_encoder_source,
             **adapter_kwargs(config),
         )
-        if base.image_encoder_source:
-            # Informative: the model card and a later load say which encoder the adapter was trained with.
-            adapter.register_to_config(image_encoder=base.image_encoder_source)
     if config.init_from_ip_adapter:
         from ..loaders.convert import load_ip_adapter_attention
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..losses import APPEARANCE_SCALINGS, DEFAULT_LOSS_WEIGHT
+from ..models.config import ARCHITECTURE_OPTIONS, CustomContrastAdapterConfig
 
 __all__ = ["ConfigError", "TrainingConfig", "parse_args"]
 
@@ -47,6 +48,13 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
+
+
+# The adapter options a training configuration may name (image_feature_layers is a field of its own: the batch
+# encoder reads it too).
+ADAPTER_OPTIONS = tuple(name for name in ARCHITECTURE_OPTIONS if name != "image_feature_layers")
+# They were flat fields once (adapter_hidden_size: 768, ...): configurations written that way still load.
+LEGACY_ADAPTER_KEYS = {f"adapter_{name}": name for name in ADAPTER_OPTIONS}
 
 
 @dataclass
@@ -76,15 +84,12 @@ class TrainingConfig:
     )
 
     # ------------------------------------------------------------------------------------------------ adapter
-    adapter_hidden_size: int = _f(768, "Width of the Q-Formers of the MFI encoder.")
-    adapter_num_heads: int = _f(12, "Attention heads of the Q-Formers.")
-    adapter_visual_depth: int = _f(4, "Blocks of the visual Q-Former.")
-    adapter_textual_depth: int = _f(2, "Blocks of the textual Q-Former.")
-    adapter_num_visual_tokens: int = _f(16, "Visual tokens Nv (besides the visual CLS).")
-    adapter_num_textual_tokens: int = _f(8, "S+ tokens Ns per cross-attention layer.")
-    adapter_timestep_embed_dim: int = _f(256, "Width of the sinusoidal timestep features of the textual Q-Former.")
-    adapter_mlp_ratio: float = _f(4.0, "MLP expansion of the Q-Former blocks.")
-    adapter_location_init_bias: float = _f(3.0, "Initial bias of the location heads (sigmoid(3) = 0.95: open gate).")
+    adapter: dict[str, Any] = _f(
+        {},
+        "Shape of a new adapter: a mapping of CustomContrastAdapterConfig options ("
+        + ", ".join(ADAPTER_OPTIONS)
+        + "); unnamed options take their defaults, e.g. 'adapter: {hidden_size: 768, num_heads: 12}'.",
+    )
     image_feature_layers: list[int] = _f(
         [-2], "Hidden states of the image encoder concatenated into F (default: the penultimate, as diffusers feeds)."
     )
@@ -234,9 +239,13 @@ class TrainingConfig:
             raise ConfigError(
                 f"A training configuration must be a mapping of field names to values, got {values!r:.80}."
             )
+        values = _nest_legacy_adapter_keys(values)
         _check_keys(values)
         hints = _field_types()
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
+        values = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+        if "adapter" in values:
+            values["adapter"] = _coerce_adapter_options(values["adapter"])
+        return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> TrainingConfig:
@@ -318,8 +327,11 @@ class TrainingConfig:
             problems.append(f"prediction_type must be 'epsilon', 'v_prediction' or null, got {self.prediction_type!r}")
         if self.resume_from_checkpoint == "":
             problems.append("resume_from_checkpoint must be 'latest', a checkpoint folder, or null")
-        if not self.image_feature_layers:
-            problems.append("image_feature_layers must name at least one hidden state")
+        try:
+            CustomContrastAdapterConfig.check_options(self.adapter, exclude=("image_feature_layers",))
+            CustomContrastAdapterConfig.check_options({"image_feature_layers": self.image_feature_layers})
+        except ValueError as error:
+            problems.append(str(error).rstrip("."))
         if problems:
             raise ConfigError("Invalid training configuration: " + "; ".join(problems) + ".")
         return self
@@ -335,6 +347,30 @@ class TrainingConfig:
 
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainingConfig)
+
+
+def _nest_legacy_adapter_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """``adapter_hidden_size: 768`` (the old flat form) as ``adapter: {hidden_size: 768}``."""
+    legacy = {LEGACY_ADAPTER_KEYS[key]: value for key, value in values.items() if key in LEGACY_ADAPTER_KEYS}
+    if not legacy:
+        return values
+    nested = values.get("adapter") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"'adapter' must be a mapping of adapter options, got {nested!r}.")
+    both = sorted(set(legacy) & set(nested))
+    if both:
+        raise ConfigError(f"'adapter_{both[0]}' and 'adapter: {{{both[0]}: ...}}' both set the adapter's {both[0]}.")
+    rest = {key: value for key, value in values.items() if key not in LEGACY_ADAPTER_KEYS}
+    return {**rest, "adapter": {**nested, **legacy}}
+
+
+def _coerce_adapter_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Adapter option values (from YAML or the command line) as the types of CustomContrastAdapterConfig."""
+    hints = typing.get_type_hints(CustomContrastAdapterConfig)
+    return {
+        name: _coerce(f"adapter.{name}", value, hints[name]) if name in ADAPTER_OPTIONS else value
+        for name, value in options.items()
+    }
 
 
 def _check_keys(keys: Sequence[str] | dict) -> None:
@@ -371,6 +407,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"'{name}' cannot be null.")
+    if typing.get_origin(inner) is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' must be a mapping, got {value!r}.")
+        return dict(value)
     if typing.get_origin(inner) is list:
         (element,) = typing.get_args(inner)
         if isinstance(value, str):
@@ -427,11 +469,15 @@ def _build_parser() -> argparse.ArgumentParser:
         }
         if typing.get_origin(inner) is list:
             kwargs.update(nargs="*", metavar="VALUE")
+        elif typing.get_origin(inner) is dict:
+            kwargs.update(metavar="MAPPING")
         elif inner is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs.update(metavar=getattr(inner, "__name__", "VALUE").upper())
         parser.add_argument(f"--{f.name}", **kwargs)
+    for key in LEGACY_ADAPTER_KEYS:
+        parser.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -4,8 +4,10 @@
 holds the trainable adapter, the frozen UNet the adapter is attached to (with its optional LoRA) and the learnable
 CSCL temperature, and its ``forward`` computes every loss term of a step. Keeping the whole step inside one
 ``forward`` is what lets DDP, DeepSpeed and FSDP wrap it unchanged: they synchronise gradients of (or gather) the
-parameters used in that call, and the adapter is called from inside the UNet, never through a wrapper of its own.
-Benchmarks call it directly for one training step.
+parameters used in that call. The adapter runs once per step, called here directly: its tokens (with gradients) go
+into the UNet call with the batch (:class:`~diffusers_customcontrast.conditioning.SubjectConditioning`), the same
+tokens feed the contrastive losses, and the location maps come back in that call's own record. Benchmarks call it
+directly for one training step.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
+from ..conditioning import StepRecord, SubjectConditioning
 from ..loaders import injection
-from ..loaders.pipeline import record_customcontrast
 from ..losses import (
     DEFAULT_LOSS_WEIGHT,
     cscl_loss,
@@ -150,17 +152,17 @@ class CustomContrastObjective(nn.Module):
         scheduler = self.noise_scheduler
         noisy_latents = scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
 
-        # One UNet call computes the prediction, the reference tokens (with grad) and every layer's location map.
-        image_embeds = [inputs.reference_features[:, None]]
-        with record_customcontrast(self.unet) as recorder:
-            model_pred = self.unet(
-                noisy_latents,
-                inputs.timesteps,
-                encoder_hidden_states=inputs.encoder_hidden_states,
-                added_cond_kwargs={**inputs.added_cond_kwargs, "image_embeds": image_embeds},
-            ).sample
-        tokens = recorder.tokens
-        location_maps = list(recorder.location_maps.values())
+        # The reference tokens of every layer (with grad): the UNet call's subject and the contrastive losses' input.
+        tokens = self.adapter(inputs.reference_features, inputs.timesteps)
+        record = StepRecord()
+        subject = SubjectConditioning(tokens=tokens, record=record)
+        model_pred = self.unet(
+            noisy_latents,
+            inputs.timesteps,
+            encoder_hidden_states=inputs.encoder_hidden_states,
+            added_cond_kwargs={**inputs.added_cond_kwargs, "image_embeds": [subject]},
+        ).sample
+        location_maps = list(record.location_maps.values())
 
         target = diffusion_target(scheduler, inputs.latents.float(), inputs.noise.float(), inputs.timesteps)
         weights = None

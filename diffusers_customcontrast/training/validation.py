@@ -107,7 +107,6 @@ def run_validation(
                 generator=generator,
             ).images
             rows.append([reference.resize((resolution, resolution)), *images])
-    injection.attached(unet).projection.clear_cache()  # free the cached image context of the last prompt
     grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
     path = Path(output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

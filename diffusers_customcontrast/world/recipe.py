@@ -20,13 +20,15 @@ WORLD_ADAPTER_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "w
 """Folder of the shipped trained adapter: the world benchmark's ``full`` run, seed 0 (``docs/world_benchmark.md``)."""
 
 WORLD_ADAPTER: dict[str, Any] = {
-    "adapter_hidden_size": 64,
-    "adapter_num_heads": 4,
-    "adapter_visual_depth": 2,
-    "adapter_textual_depth": 1,
-    "adapter_num_visual_tokens": 8,
-    "adapter_num_textual_tokens": 4,
-    "adapter_timestep_embed_dim": 64,
+    "adapter": {
+        "hidden_size": 64,
+        "num_heads": 4,
+        "visual_depth": 2,
+        "textual_depth": 1,
+        "num_visual_tokens": 8,
+        "num_textual_tokens": 4,
+        "timestep_embed_dim": 64,
+    }
 }
 """Adapter size for the world's base model (width 64 like its text encoder and image encoder): 0.31 M parameters,
 against 80 M for SD1.5's default, so that a run fits in minutes on a CPU."""

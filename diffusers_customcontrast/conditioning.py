@@ -1,0 +1,192 @@
+"""What one UNet call carries for a CustomContrast adapter, and what it gives back.
+
+A pipeline calls the UNet once per denoising step. Before each call the UNet's forward pre-hook
+(:mod:`diffusers_customcontrast.loaders.injection`) wraps the call's subject features, timesteps and options into a
+:class:`SubjectConditioning` and puts it in this call's ``added_cond_kwargs["image_embeds"]``, the list that diffusers
+hands to ``unet.encoder_hid_proj``. There the adapter runs once for all layers and returns the conditioning with
+their tokens; diffusers passes it on to every cross-attention processor inside ``encoder_hidden_states``, and each
+processor reads its own layer's slice. Nothing about a call is kept on the UNet or the adapter, so calls from several
+threads, under ``torch.inference_mode``, behind accelerate's offload hooks or inside ``torch.compile`` cannot see
+each other's subject.
+
+Location maps come back in a :class:`StepRecord` that belongs to one call: the caller passes one (training does), or
+:func:`recording` opens a :class:`SubjectRecording` that gets one record per UNet call made inside a ``with`` block
+(per thread and per asyncio task: a context variable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models.mfi_encoder import ImageContext, SubjectTokens
+
+__all__ = [
+    "OPTIONS_KEY",
+    "LayerScale",
+    "StepRecord",
+    "SubjectConditioning",
+    "SubjectOptions",
+    "SubjectRecording",
+    "active_recordings",
+    "recording",
+]
+
+LayerScale = float | list[float]  # one value for every subject image, or one per subject
+
+OPTIONS_KEY = "customcontrast"
+"""The ``cross_attention_kwargs`` key of a call's :class:`SubjectOptions` (taken out before diffusers sees them)."""
+
+
+@dataclass(frozen=True)
+class SubjectOptions:
+    """What a caller gives the UNet calls of one pipeline call, beside the subject features.
+
+    Pass them as ``cross_attention_kwargs={"customcontrast": SubjectOptions(...)}``.
+
+    Attributes:
+        scale: ``lambda_l`` of the visual branch, one value per cross-attention layer, overriding the adapter's
+            (``set_customcontrast_scale``) for this call only; ``None`` keeps the adapter's.
+        s_plus_scale: ``beta_l`` of the S+ tokens, the same way.
+        image_context: the timestep-independent half of the encoding of the call's subject features
+            (``adapter.encoder.encode_image`` of them, rows batch x subjects), computed once for a generation so
+            that each step runs only the other half.
+    """
+
+    scale: tuple[LayerScale, ...] | None = None
+    s_plus_scale: tuple[float, ...] | None = None
+    image_context: ImageContext | None = None
+
+
+@dataclass
+class StepRecord:
+    """What the adapter computed in one UNet call.
+
+    ``tokens``: every layer's tokens of the call's subject images (rows: batch x subjects); ``location_maps``: layer
+    index -> ``[batch, num_subjects, h, w]`` maps in (0, 1), for the layers that computed one (none where user masks
+    gate the subjects).
+    """
+
+    timesteps: torch.Tensor | None = None
+    tokens: SubjectTokens | None = None
+    location_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SubjectRecording:
+    """The :class:`StepRecord` of every call of ``unet`` made inside a :func:`recording` block, in call order."""
+
+    unet: nn.Module
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def location_maps(self) -> dict[int, torch.Tensor]:
+        """The location maps of the last call (empty before the first)."""
+        return self.steps[-1].location_maps if self.steps else {}
+
+    @property
+    def tokens(self) -> SubjectTokens | None:
+        """The tokens of the last call."""
+        return self.steps[-1].tokens if self.steps else None
+
+
+_RECORDINGS: ContextVar[tuple[SubjectRecording, ...]] = ContextVar("customcontrast_recordings", default=())
+
+
+@contextmanager
+def recording(unet: nn.Module) -> Iterator[SubjectRecording]:
+    """Record every call of ``unet`` made by this thread (or task) inside the block."""
+    opened = SubjectRecording(unet)
+    token = _RECORDINGS.set((*_RECORDINGS.get(), opened))
+    try:
+        yield opened
+    finally:
+        _RECORDINGS.reset(token)
+
+
+def active_recordings(unet: nn.Module) -> list[SubjectRecording]:
+    """The recordings open for ``unet`` in this thread (or task).
+
+    Always none while ``torch.compile`` traces the call: dynamo cannot read a context variable, so a compiled UNet's
+    calls are recorded only through a record passed in the call (:class:`SubjectConditioning`).
+    """
+    if torch.compiler.is_compiling():
+        return []
+    return [opened for opened in _RECORDINGS.get() if opened.unet is unet]
+
+
+@dataclass
+class SubjectConditioning:
+    """One UNet call's subject for a CustomContrast adapter: what its processors read.
+
+    A pipeline gives subject features (``image_embeds``); training gives the tokens the adapter computed
+    (``tokens``, with gradients). The UNet's pre-hook fills in the rest from the call's own arguments.
+
+    Attributes:
+        image_embeds: ``[batch, num_subjects, tokens, image_embed_dim]`` CLIP features of the subject images, one
+            row per prompt row of the call (the negative rows first under classifier-free guidance).
+        timesteps: ``[batch]``, the call's timestep of each row.
+        tokens: every layer's tokens, rows ``batch x num_subjects`` (row ``b * num_subjects + k``: subject ``k`` of
+            prompt row ``b``); computed by the adapter's image projection when not given.
+        num_subjects: subject images per prompt row.
+        sample_size: the latent's ``(height, width)``, to lay location maps out as images.
+        options: this call's :class:`SubjectOptions`.
+        record: where this call's tokens and location maps go, if anywhere.
+    """
+
+    image_embeds: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    tokens: SubjectTokens | None = None
+    num_subjects: int = 1
+    sample_size: tuple[int, int] | None = None
+    options: SubjectOptions | None = None
+    record: StepRecord | None = None
+
+    def with_tokens(self, tokens: SubjectTokens) -> SubjectConditioning:
+        """The same call with ``tokens`` computed."""
+        if self.record is not None:
+            self.record.tokens = tokens
+        return dataclasses.replace(self, tokens=tokens)
+
+    def layer_tokens(self, layer_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's S+ and visual tokens, each ``[batch, num_subjects, Ns, D]``.
+
+        ``layer_index`` is a one-element tensor, not an int: torch.compile guards on ints, and one graph for every
+        layer (diffusers' regional compilation) needs the index to be data.
+        """
+        index = layer_index.to(self.tokens.s_plus.device)
+        s_plus, visual = (t.index_select(1, index).squeeze(1) for t in (self.tokens.s_plus, self.tokens.visual))
+        return s_plus.unflatten(0, (-1, self.num_subjects)), visual.unflatten(0, (-1, self.num_subjects))
+
+    def layer_scales(self, layer_index: int, scale: LayerScale, s_plus_scale: float) -> tuple[LayerScale, float]:
+        """The layer's ``(lambda_l, beta_l)`` for this call: the call's options where given, else the adapter's."""
+        options = self.options
+        if options is not None and options.scale is not None:
+            scale = options.scale[layer_index]
+        if options is not None and options.s_plus_scale is not None:
+            s_plus_scale = options.s_plus_scale[layer_index]
+        return scale, s_plus_scale
+
+    def record_location(self, layer_index: int, maps: torch.Tensor) -> None:
+        """Keep one layer's ``[batch, num_subjects, N]`` maps as ``[batch, num_subjects, h, w]`` in the record."""
+        if self.record is None:
+            return
+        h, w = self.feature_map_size(maps.shape[-1])
+        self.record.location_maps[layer_index] = maps.reshape(*maps.shape[:2], h, w)
+
+    def feature_map_size(self, num_pixels: int) -> tuple[int, int]:
+        """The ``(h, w)`` of a layer's feature map with ``num_pixels`` positions, from the latent's aspect ratio."""
+        if self.sample_size is None:
+            side = math.isqrt(num_pixels)
+            return side, num_pixels // side
+        height, width = self.sample_size
+        factor = math.sqrt(height * width / num_pixels)
+        h = max(1, round(height / factor))
+        return h, num_pixels // h

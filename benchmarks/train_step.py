@@ -11,7 +11,7 @@ Two measurements:
   (``--image-encoder``), since that model alone is 2.5 GB.
 
 Settings alternate within each round and the medians over rounds are reported: run-to-run noise on a shared CPU is
-large (ENVIRONMENT.md). Usage::
+large (docs/benchmarks.md). Usage::
 
     python benchmarks/train_step.py tiny --rounds 3 --steps 12
     python benchmarks/train_step.py sd15 --rounds 5 --image-encoder

@@ -1,4 +1,4 @@
-"""Training losses of CustomContrast (multilevel contrastive learning, DESIGN.md section 4).
+"""Training losses of CustomContrast (multilevel contrastive learning, docs/method.md).
 
 Every function is pure and dtype/device agnostic: losses are computed in float32 whatever the input dtype
 and returned as float32 scalars, so they behave the same under fp16 / bf16 mixed precision.

@@ -1,4 +1,4 @@
-"""A procedural world of subjects seen from several views, with exact masks and captions (DESIGN.md section 6).
+"""A procedural world of subjects seen from several views, with exact masks and captions (docs/synthetic_world.md).
 
 A subject's *intrinsic* attributes (shape, texture, two colours) are fixed by its seed; each frame shows it under
 *irrelevant* attributes (rotation, size, position, brightness) in a *scene* that the caption names: a background

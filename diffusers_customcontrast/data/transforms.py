@@ -1,6 +1,6 @@
 """Image operations of the triplet sampler: segmentation on white, subject crops, placement, tensors.
 
-Pure functions on PIL images and numpy masks (no torchvision: see ENVIRONMENT.md), so that each step can be
+Pure functions on PIL images and numpy masks (no torchvision: installing it pulls a CUDA torch over the pinned CPU build), so that each step can be
 tested and reused (e.g. by the evaluation code, which segments reference images the same way).
 """
 

@@ -1,6 +1,6 @@
 """The training dataset of CustomContrast: one (reference, positive, target) frame triplet per subject.
 
-Paper figure 2b (right) and DESIGN.md section 4: for a subject the sample holds
+Paper figure 2b (right), docs/method.md: for a subject the sample holds
 
 * the **reference** frame j, segmented on white and cropped to the subject: the image the adapter encodes;
 * the **positive** frame i, another view of the same subject, segmented and augmented (random scale, position

@@ -1,4 +1,4 @@
-"""Training of CustomContrast adapters (multilevel contrastive learning, DESIGN.md section 4).
+"""Training of CustomContrast adapters (multilevel contrastive learning, docs/method.md).
 
 ```python
 from diffusers_customcontrast.training import TrainingConfig, train

@@ -59,7 +59,7 @@ LEGACY_ADAPTER_KEYS = {f"adapter_{name}": name for name in ADAPTER_OPTIONS}
 
 @dataclass
 class TrainingConfig:
-    """Settings of a CustomContrast training run (DESIGN.md section 4). Defaults marked "our choice" are untuned.
+    """Settings of a CustomContrast training run (docs/training.md). Defaults marked "our choice" are untuned.
 
     The loss weights were tuned on the synthetic world (``docs/world_benchmark.md``)."""
 

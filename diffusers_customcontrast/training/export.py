@@ -154,8 +154,10 @@ inference: false
 # CustomContrast adapter for {base.source or config.pretrained_model_name_or_path}
 
 A CustomContrast (AAAI 2025) subject adapter for {family}, trained with
-`diffusers-customcontrast` (multilevel contrastive learning). Give it one image of a subject and a prompt; it keeps
-the subject's identity and follows the prompt.
+`diffusers-customcontrast` (multilevel contrastive learning). It takes one image of a subject and a prompt. This card
+records how it was trained and its final training losses, nothing more: how well it keeps a subject's identity and
+follows the prompt has not been measured here; measure it with `python -m diffusers_customcontrast.evaluate` (DreamBench
+CLIP-T, CLIP-I, DINO).
 
 ## How to use
 

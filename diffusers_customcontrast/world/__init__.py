@@ -1,4 +1,4 @@
-"""The synthetic subject world (DESIGN.md section 6) and the tiny base model trained on it.
+"""The synthetic subject world (docs/synthetic_world.md) and the tiny base model trained on it.
 
 * :func:`write_world` / :func:`load_world`: train and held-out subjects on disk, with the ground truth of every
   frame (:meth:`World.frame_info`); :class:`WorldSpec` renders the same frames in memory.

@@ -66,6 +66,28 @@ def test_missing_weight_file(sd15_pipe, saved_adapter):
         sd15_pipe.load_customcontrast(str(saved_adapter.parent / "nowhere"))
 
 
+def test_parent_folder_names_the_subfolder_that_holds_the_adapter(sd15_pipe, saved_adapter):
+    processors, reference = dict(sd15_pipe.unet.attn_processors), generate(sd15_pipe)
+    with pytest.raises(ValueError, match=r"A subfolder holds one \('adapter'\): pass subfolder='adapter'"):
+        sd15_pipe.load_customcontrast(saved_adapter.parent)
+    assert_untouched(sd15_pipe, processors, reference)
+    sd15_pipe.load_customcontrast(saved_adapter.parent, subfolder="adapter")
+    assert sd15_pipe.unet.encoder_hid_proj is not None
+
+
+@pytest.mark.parametrize("kind", ["dot", "under_existing_folder", "absolute"])
+def test_a_missing_local_path_is_refused_without_asking_the_hub(sd15_pipe, saved_adapter, monkeypatch, kind):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked for a local path")
+
+    monkeypatch.setattr("diffusers_customcontrast.loaders.serialization.hf_hub_download", no_hub)
+    monkeypatch.chdir(saved_adapter.parent)
+    source = {"dot": "./adaptr", "under_existing_folder": "adapter/typo", "absolute": str(saved_adapter) + "x"}[kind]
+    with pytest.raises(ValueError, match=r"is not a folder on this machine, and it is a path rather than a hub"):
+        sd15_pipe.load_customcontrast(source)
+    assert sd15_pipe.unet.encoder_hid_proj is None
+
+
 def test_corrupt_weight_file(sd15_pipe, saved_adapter):
     weights = saved_adapter / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

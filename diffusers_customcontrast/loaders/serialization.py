@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
 
 from ..models.adapter import CustomContrastAdapter
@@ -29,13 +30,24 @@ class AdapterLoadError(OSError, ValueError):
 def resolve_file(
     pretrained_model_name_or_path: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs
 ) -> Path:
-    """The local path of ``filename`` in a local folder or a hub repository (downloaded or from the cache)."""
-    source = Path(pretrained_model_name_or_path)
+    """The local path of ``filename`` in a local folder or a hub repository (downloaded or from the cache).
+
+    A source that is no folder here but reads as a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, or one under a folder
+    that exists) is refused at once: asking the hub for it would only retry for a name that is not a repository id.
+    """
+    source = Path(pretrained_model_name_or_path).expanduser()
     if source.is_dir():
         path = source / (subfolder or "") / filename
         if not path.is_file():
-            raise AdapterLoadError(f"No file named '{filename}' in '{path.parent}'.")
+            raise AdapterLoadError(
+                f"No file named '{filename}' in '{path.parent}'.{_subfolder_hint(path.parent, filename)}"
+            )
         return path
+    if _looks_local(str(pretrained_model_name_or_path)):
+        raise AdapterLoadError(
+            f"'{pretrained_model_name_or_path}' is not a folder on this machine, and it is a path rather than a hub "
+            "repository id ('org/name'), so the hub was not asked: check the path."
+        )
     try:
         return Path(
             hf_hub_download(
@@ -51,6 +63,28 @@ def resolve_file(
             f"Could not get '{filename}' from '{where}' (neither a local folder nor a reachable hub repository "
             f"holding it): {error}"
         ) from error
+
+
+def _looks_local(source: str) -> bool:
+    """Whether ``source`` can only be meant as a local path (it is not a valid hub repository id, or its first part
+    is a folder here)."""
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return source.startswith((".", "~")) or Path(source.split("/")[0]).is_dir()
+
+
+def _subfolder_hint(folder: Path, filename: str) -> str:
+    """ " It is in '<sub>': pass subfolder='<sub>'." for the first folders below ``folder`` holding ``filename``."""
+    found = sorted(p.parent.relative_to(folder).as_posix() for p in folder.glob(f"*/{filename}"))
+    found += sorted(p.parent.relative_to(folder).as_posix() for p in folder.glob(f"*/*/{filename}"))
+    if not found:
+        return ""
+    where = " and ".join(f"'{f}'" for f in found[:2])
+    return (
+        f" A subfolder holds one ({where}): pass subfolder='{found[0]}', or the folder '{folder / found[0]}' itself."
+    )
 
 
 def safe_torch_load(path: str | os.PathLike) -> object:

@@ -412,3 +412,20 @@ def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_checkpoint(files, 
     assert same_tensors(trainable_state(resolve_resume_checkpoint(out, "latest")), good)
     lines = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
     assert [e["nonfinite"] for e in lines] == [0, 0, 1, 1, 1]
+
+
+def test_a_base_model_out_of_reach_is_named_in_one_sentence(files, tmp_path, monkeypatch, capsys):
+    """No network, not cached, not a folder: one line and exit status 2, without the hub client's retries."""
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr("socket.create_connection", unreachable)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    argv = ["--pretrained_model_name_or_path", "some-org/some-base", "--train_data", str(files["clean"])]
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--output_dir", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: The base model 'some-org/some-base' is not a local folder and not in the")
+    assert "pass that folder as pretrained_model_name_or_path" in err[-1]

@@ -19,12 +19,12 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> TrainingResult:
     """Parse the configuration (YAML + overrides), train, and return the :class:`TrainingResult`.
 
-    A configuration error is reported in one line on stderr with exit status 2, like other usage errors.
+    A configuration error (including a base model that cannot be found) is reported in one line on stderr with exit
+    status 2, like other usage errors.
     """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        config = parse_args(argv)
+        return train(parse_args(argv))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(config)

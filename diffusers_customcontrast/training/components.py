@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import constants as hf_constants
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -152,12 +155,36 @@ def _split_hub_path(path: str, subfolder: str | None) -> tuple[str, str | None]:
     return path, subfolder
 
 
+def _require_reachable(source: str, revision: str | None) -> None:
+    """Refuse, in one sentence, a base model that is neither a folder, nor cached, nor reachable on the hub.
+
+    Without this check the hub client retries for half a minute before a long traceback.
+    """
+    if Path(source).is_dir():
+        return
+    try:
+        DiffusionPipeline.load_config(source, revision=revision, local_files_only=True)
+        return  # in the Hugging Face cache
+    except OSError:
+        pass
+    host = urlparse(hf_constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise ConfigError(
+            f"The base model '{source}' is not a local folder and not in the Hugging Face cache, and {host} cannot "
+            "be reached from this machine: download it where there is network (hf download "
+            f"{source} --local-dir <folder>) and pass that folder as pretrained_model_name_or_path."
+        ) from None
+
+
 def load_base_model(config: TrainingConfig) -> BaseModel:
     """Load the base pipeline's modules and the image encoder named by ``config`` (nothing frozen or moved yet)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = config.pretrained_model_name_or_path
     hub = {"revision": config.revision}
+    _require_reachable(source, config.revision)
     try:
         index = DiffusionPipeline.load_config(source, **hub)
     except OSError as error:

@@ -1,6 +1,6 @@
 """A subject placed by a Canny edge map: StableDiffusionControlNetPipeline + CustomContrast.
 
-    pip install "diffusers-customcontrast[controlnet]"     # controlnet_aux and opencv
+    pip install -e ".[controlnet]"     # from the checkout, on a GPU machine with torchvision (README: Installation)
     python examples/controlnet_canny.py --adapter path/to/customcontrast-sd15 --subject my_dog.jpg \\
         --layout room.jpg --class_name dog --prompt "a {class_name} in a living room, photo" --output outputs/canny
 

@@ -1,0 +1,32 @@
+# The two quickstart commands, on a fresh machine with only Python 3 and the package registries:
+#   make demo   the offline demo on the synthetic world (README)
+#   make test   the test-suite (what CI runs)
+# Both create and then reuse a local virtualenv with the pinned, tested versions (constraints.txt).
+
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/python -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean-venv
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m diffusers_customcontrast.demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# torch stays pinned (constraints.txt) to the build the suite is tested with; controlnet_aux goes in without its
+# dependencies (they would pull torchvision and a CUDA torch): its Canny detector needs only opencv, numpy and PIL.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e ".[test,prepare]"
+	$(PIP) install -c constraints.txt --no-deps controlnet_aux==0.0.10
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

@@ -73,6 +73,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         self.to_k_ip = nn.ModuleList([layer.to_k_ip])
         self.to_v_ip = nn.ModuleList([layer.to_v_ip])
         self.location = layer.location
+        self.location_gate = layer.location_gate
         self.s_plus_scale = s_plus_scale
         self.layer_index = layer_index
         self.entry_index = entry_index
@@ -138,6 +139,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         )
         s_plus, visual_tokens = conditioning.layer_tokens(self.layer_index_tensor)
         batch, num_subjects, num_tokens = s_plus.shape[:3]
+        num_visual_tokens = visual_tokens.shape[2]
         scales = per_subject_scales(scale, num_subjects)
         use_visual, use_s_plus = any(s != 0 for s in scales), s_plus_scale != 0
         if not (use_visual or use_s_plus):
@@ -147,7 +149,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         logits = None
         if use_visual or masks is None:
             key = self._split_subject_heads(self.to_k_ip[self.entry_index](visual_tokens.to(query.dtype)), attn.heads)
-            logits = self._visual_logits(attn, query, key).unflatten(-1, (num_subjects, num_tokens))
+            logits = self._visual_logits(attn, query, key).unflatten(-1, (num_subjects, num_visual_tokens))
         if masks is not None:
             region = self._mask_regions(masks, batch, num_pixels).to(query.device)
         else:
@@ -155,7 +157,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
             maps = self.location(affinity.transpose(1, 2).flatten(0, 1), s_plus.flatten(0, 1))  # [B n, N]
             maps = maps.unflatten(0, (batch, num_subjects))
             conditioning.record_location(self.layer_index, maps)
-            region = maps.transpose(1, 2)
+            region = self.location_gate(maps).transpose(1, 2)
 
         s_plus_context = s_plus_bias = visual = None
         if use_s_plus:

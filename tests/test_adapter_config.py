@@ -1,19 +1,17 @@
 """One adapter configuration object (issue 12): the adapter, ``config.json``, the training configuration and the
-convert command line all read :class:`CustomContrastAdapterConfig`, and folders saved before it load unchanged."""
+convert command line all read :class:`CustomContrastAdapterConfig`; format-1 configs still read."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import diffusers_customcontrast as dcc
 from diffusers_customcontrast.models import ARCHITECTURE_OPTIONS, CustomContrastAdapterConfig
-from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_adapter, tiny_sd15_pipeline
+from diffusers_customcontrast.testing.tiny_models import tiny_adapter, tiny_sd15_pipeline
 from diffusers_customcontrast.training import ConfigError, TrainingConfig
 from diffusers_customcontrast.training.components import adapter_kwargs
 from diffusers_customcontrast.training.config import parse_args
@@ -46,30 +44,26 @@ OLD_CONFIG_JSON = {
     "timestep_embed_dim": 32,
     "visual_depth": 1,
 }
-# sha256 of the sorted weight names in that folder's safetensors file (111 tensors).
-OLD_WEIGHT_NAMES_SHA256 = "cdd7687e72232068d6c0faf17a55c7f53d810a5010fb8838f0c497bca6da6b2f"
 
 
-def test_a_folder_saved_before_the_config_object_loads(tmp_path):
+def test_a_folder_saved_before_the_resampler_layout_is_refused_in_one_sentence(tmp_path):
+    """Format 1 (before issue 13) had a visual Q-Former of learned-query blocks; its config still reads, its weights
+    cannot fill the IP-Adapter-Plus-shaped visual Q-Former: loading says so instead of listing missing keys."""
     pipe = tiny_sd15_pipeline()
-    weights = tiny_adapter(pipe, seed=5).state_dict()
-    assert hashlib.sha256("\n".join(sorted(weights)).encode()).hexdigest() == OLD_WEIGHT_NAMES_SHA256
+    fields = {k: v for k, v in OLD_CONFIG_JSON.items() if not k.startswith("_")}
+    config = CustomContrastAdapterConfig.from_dict(OLD_CONFIG_JSON)
+    assert config.to_dict() == {**fields, **{k: v for k, v in config.to_dict().items() if k not in fields}}
+    assert (config.tv_fusion_init, config.location_gate_init, config.s_plus_scale) == ("random", 1.0, 1.0)
+
+    weights = {k: v for k, v in tiny_adapter(pipe, seed=5).state_dict().items() if "visual_qformer" not in k}
+    weights["encoder.visual_queries"] = torch.zeros(5, 32)  # the format-1 learned queries
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(OLD_CONFIG_JSON))
-    save_file(dict(weights), folder / "diffusion_pytorch_model.safetensors")
-
-    adapter = pipe.load_customcontrast(str(folder))
-    fields = {k: v for k, v in OLD_CONFIG_JSON.items() if not k.startswith("_")}
-    assert adapter.adapter_config.to_dict() == fields
-    assert all(torch.equal(adapter.state_dict()[k], v) for k, v in weights.items())
-    assert np.isfinite(
-        pipe("a dog", ip_adapter_image=make_subject_image(0), num_inference_steps=1, output_type="np").images
-    ).all()
-    # And it saves the same keys again.
-    adapter.save_pretrained(tmp_path / "again")
-    saved = json.loads((tmp_path / "again" / "config.json").read_text())
-    assert {k: v for k, v in saved.items() if not k.startswith("_")} == fields
+    save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(dcc.AdapterLoadError, match=r"^This adapter was saved in the layout .* before format 2 .*\.$"):
+        pipe.load_customcontrast(str(folder))
+    assert not hasattr(pipe.unet, "_customcontrast") and pipe.unet.encoder_hid_proj is None
 
 
 def test_the_adapter_is_built_from_one_config_object(tmp_path):
@@ -78,7 +72,7 @@ def test_the_adapter_is_built_from_one_config_object(tmp_path):
     config = adapter.adapter_config
     assert CustomContrastAdapterConfig.from_dict(adapter.config) == config  # diffusers' view holds the same fields
     assert config.num_layers == len(adapter.layers) == len(pipe.unet.attn_processors) // 2
-    assert adapter.encoder.visual_queries.shape == (1 + config.num_visual_tokens, config.hidden_size)
+    assert adapter.encoder.visual_qformer.queries.shape == (1 + config.num_visual_tokens, config.hidden_size)
     assert adapter.encoder.textual_queries.shape == (config.num_textual_tokens + 1, config.hidden_size)
     adapter.save_pretrained(tmp_path / "adapter")
     assert dcc.CustomContrastAdapter.from_pretrained(tmp_path / "adapter").adapter_config == config
@@ -92,7 +86,7 @@ def test_the_adapter_is_built_from_one_config_object(tmp_path):
     [
         ({"hiden_size": 32}, "Unknown CustomContrast adapter config key 'hiden_size'"),
         ({"num_heads": 5}, r"hidden_size \(32\) must be divisible by num_heads \(5\)"),
-        ({"format_version": 2, "new_field": 1}, "format version 2.*upgrade diffusers-customcontrast"),
+        ({"format_version": 3, "new_field": 1}, "format version 3.*upgrade diffusers-customcontrast"),
     ],
 )
 def test_config_json_problems_are_named(tmp_path, change, message):

@@ -1,15 +1,25 @@
-"""Warm-start a CustomContrast adapter's visual cross-attention from an IP-Adapter / IP-Adapter-Plus checkpoint.
+"""Convert an IP-Adapter-Plus checkpoint into a CustomContrast adapter that computes exactly what it computes.
 
-The original IP-Adapter files (``ip-adapter_sd15.bin``, ``ip-adapter-plus_sdxl_vit-h.safetensors``, ...) store one
-``to_k_ip``/``to_v_ip`` pair per cross-attention layer under ``ip_adapter.{1,3,5,...}``: the processors are numbered
-over all attention layers, and every cross-attention layer follows its self-attention layer. Their shapes are the
-shapes of CustomContrast's visual cross-attention, so those weights transfer as they are; the image projection of
-IP-Adapter does not (CustomContrast has its own encoder) and is ignored.
+The original IP-Adapter files (``ip-adapter-plus_sd15.bin``, ``ip-adapter-plus_sdxl_vit-h.safetensors``, ...) hold
+two parts: ``image_proj``, the image projection, and ``ip_adapter``, one ``to_k_ip``/``to_v_ip`` pair per
+cross-attention layer under ``{1,3,5,...}`` (the processors are numbered over all attention layers, and every
+cross-attention layer follows its self-attention layer). The ``.bin`` files nest them (``{"image_proj": {...},
+"ip_adapter": {...}}``); the ``.safetensors`` files flatten them with ``image_proj.`` / ``ip_adapter.`` prefixes.
+
+IP-Adapter-Plus's image projection is a Resampler, which CustomContrast's visual Q-Former holds key for key
+(:class:`~diffusers_customcontrast.models.qformer.VisualQFormer`); the ``to_k_ip``/``to_v_ip`` pairs are the
+layers' visual cross-attention. What CustomContrast adds starts as a no-op (TV fusion ``identity``, location gates
+open, S+ scale 0), so the converted adapter reproduces IP-Adapter-Plus, and training starts from there.
+
+The plain IP-Adapter's projection reads CLIP's pooled image embedding, which the adapter does not read (it reads
+the image encoder's hidden states, as IP-Adapter-Plus does): from a plain checkpoint only the ``to_k_ip``/``to_v_ip``
+weights transfer.
 
 Command line::
 
     python -m diffusers_customcontrast.convert --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --ip_adapter ip-adapter-plus_sd15.safetensors --image_encoder h94/IP-Adapter --output_dir cc-warm-start
+        --ip_adapter h94/IP-Adapter --subfolder models --weight_name ip-adapter-plus_sd15.safetensors \\
+        --image_encoder h94/IP-Adapter --output_dir cc-from-ip-adapter-plus
 """
 
 from __future__ import annotations
@@ -18,98 +28,261 @@ import argparse
 import json
 import logging
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..models.adapter import CustomContrastAdapter
+from ..models.config import CustomContrastAdapterConfig
+from ..models.unet_layout import cross_attention_layout
 from .serialization import AdapterLoadError, read_state_dict, resolve_file, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
+HEAD_DIM = 64  # IP-Adapter-Plus's Resampler heads are 64 wide (the checkpoints do not record it; diffusers assumes it)
 
-def ip_adapter_attention_weights(state_dict: dict) -> dict[str, torch.Tensor]:
-    """The ``ip_adapter`` part of an IP-Adapter checkpoint, keyed ``"{id}.to_k_ip.weight"``.
+# How a converted adapter starts: everything CustomContrast adds to IP-Adapter-Plus is a no-op.
+CONVERTED_OPTIONS: dict[str, Any] = {"tv_fusion_init": "identity", "location_gate_init": 0.0, "s_plus_scale": 0.0}
 
-    Accepts the nested form of the ``.bin`` files (``{"image_proj": ..., "ip_adapter": ...}``) and the flat form
-    of the ``.safetensors`` files (``"ip_adapter.1.to_k_ip.weight"``, ...).
-    """
-    if isinstance(state_dict.get("ip_adapter"), dict):
-        return dict(state_dict["ip_adapter"])
-    prefix = "ip_adapter."
-    weights = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-    if not weights:
+# Original Resampler keys -> the visual Q-Former's (``latents`` is handled apart: it is rows 1.. of the queries).
+_RESAMPLER_KEYS = (
+    (re.compile(r"^(proj_in|proj_out|norm_out)\.(weight|bias)$"), r"\1.\2"),
+    (re.compile(r"^layers\.(\d+)\.0\.(norm1|norm2|to_q|to_kv|to_out)\.(weight|bias)$"), r"blocks.\1.\2.\3"),
+    (re.compile(r"^layers\.(\d+)\.1\.([013])\.(weight|bias)$"), r"blocks.\1.ff.\2.\3"),
+)
+
+
+def split_ip_adapter_checkpoint(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The ``(image_proj, ip_adapter)`` parts of an IP-Adapter checkpoint, nested (``.bin``) or flat (``.safetensors``)."""
+    if isinstance(state_dict.get("ip_adapter"), Mapping):
+        return dict(state_dict.get("image_proj") or {}), dict(state_dict["ip_adapter"])
+    parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in state_dict.items():
+        part, _, name = str(key).partition(".")
+        if part in parts:
+            parts[part][name] = value
+    if not parts["ip_adapter"]:
         raise AdapterLoadError("This is not an IP-Adapter checkpoint: it has no 'ip_adapter' weights.")
-    return weights
+    return parts["image_proj"], parts["ip_adapter"]
 
 
-def _read_checkpoint(source: str | os.PathLike | dict, weight_name: str | None, **hub_kwargs) -> dict:
-    if isinstance(source, dict):
+def ip_adapter_kind(image_proj: Mapping, ip_adapter: Mapping) -> str:
+    """``"plus"`` (a Resampler image projection) or ``"plain"`` (a linear one); a one-sentence error for the kinds
+    CustomContrast cannot start from (FaceID, Full)."""
+    if any("lora" in key for key in ip_adapter) or "perceiver_resampler.proj_in.weight" in image_proj:
+        raise AdapterLoadError(
+            "This is an IP-Adapter-FaceID checkpoint (it reads InsightFace face embeddings, with LoRA in the UNet), "
+            "but CustomContrast starts only from IP-Adapter or IP-Adapter-Plus checkpoints, which read CLIP image "
+            "features."
+        )
+    if "latents" in image_proj:
+        return "plus"
+    if "proj.weight" in image_proj:
+        return "plain"
+    if "proj.3.weight" in image_proj or "norm.weight" in image_proj:
+        raise AdapterLoadError(
+            "This IP-Adapter checkpoint has an MLP image projection (IP-Adapter-Full or FaceID), but CustomContrast "
+            "starts only from IP-Adapter or IP-Adapter-Plus checkpoints."
+        )
+    raise AdapterLoadError(
+        f"This IP-Adapter checkpoint's image projection is of no known kind (keys {sorted(image_proj)[:4]}): "
+        "expected IP-Adapter-Plus's Resampler ('latents', 'proj_in', ...) or IP-Adapter's 'proj' and 'norm'."
+    )
+
+
+def resampler_options(image_proj: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The adapter options whose values an IP-Adapter-Plus Resampler fixes (its widths, depth and token count)."""
+    try:
+        latents = image_proj["latents"]
+        hidden = latents.shape[-1]
+        depth = 1 + max(int(m.group(1)) for k in image_proj if (m := re.match(r"layers\.(\d+)\.", k)))
+        inner = image_proj["layers.0.0.to_q.weight"].shape[0]
+        ff_width = image_proj["layers.0.1.1.weight"].shape[0]
+        image_embed_dim = image_proj["proj_in.weight"].shape[1]
+    except (KeyError, ValueError, IndexError) as error:
+        raise AdapterLoadError(
+            f"This IP-Adapter-Plus checkpoint's Resampler is incomplete (no {error}): the file is damaged."
+        ) from error
+    if latents.ndim != 3 or inner != hidden or inner % HEAD_DIM:
+        raise AdapterLoadError(
+            f"This IP-Adapter-Plus Resampler has {inner}-wide attention on {hidden}-wide latents of shape "
+            f"{tuple(latents.shape)}, but the visual Q-Former holds only equal widths in {HEAD_DIM}-wide heads."
+        )
+    return {
+        "image_embed_dim": image_embed_dim,
+        "hidden_size": hidden,
+        "num_heads": hidden // HEAD_DIM,
+        "visual_depth": depth,
+        "num_visual_tokens": latents.shape[1],
+        "mlp_ratio": ff_width / hidden,
+    }
+
+
+def _read_checkpoint(source: str | os.PathLike | Mapping, weight_name: str | None, **hub_kwargs) -> Mapping:
+    if isinstance(source, Mapping):
         return source
     path = Path(source)
     if not path.is_file():
         if weight_name is None:
             raise AdapterLoadError(f"'{source}' is not a file: give weight_name to read it from a folder or hub repo.")
         path = resolve_file(source, weight_name, hub_kwargs.pop("subfolder", None), **hub_kwargs)
-    return read_state_dict(path) if path.suffix == ".safetensors" else safe_torch_load(path)
+    checkpoint = read_state_dict(path) if path.suffix == ".safetensors" else safe_torch_load(path)
+    if not isinstance(checkpoint, Mapping):
+        raise AdapterLoadError(f"'{path}' holds a {type(checkpoint).__name__}, not an IP-Adapter state dict.")
+    return checkpoint
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if value.shape != target.shape:
+        raise AdapterLoadError(
+            f"The IP-Adapter weight '{name}' has shape {tuple(value.shape)}, but the adapter needs "
+            f"{tuple(target.shape)} there: the checkpoint is for another base model."
+        )
+    target.copy_(value)
 
 
 @torch.no_grad()
 def load_ip_adapter_attention(
     adapter: CustomContrastAdapter,
-    ip_adapter: str | os.PathLike | dict,
+    ip_adapter: str | os.PathLike | Mapping,
     weight_name: str | None = None,
     **hub_kwargs,
 ) -> CustomContrastAdapter:
     """Copy an IP-Adapter checkpoint's ``to_k_ip``/``to_v_ip`` weights into ``adapter`` (in place; returned).
 
-    ``ip_adapter`` is a checkpoint file, a folder or hub repository with ``weight_name``, or an already-loaded
-    state dict. Raises a one-sentence error when a layer is missing or of another shape (e.g. an SDXL IP-Adapter
-    for an SD1.5 adapter).
+    ``ip_adapter`` is a checkpoint file, a folder or hub repository with ``weight_name`` (and ``subfolder``), or an
+    already-loaded state dict. Raises a one-sentence error when a layer is missing or of another shape (e.g. an SDXL
+    IP-Adapter for an SD1.5 adapter).
     """
-    weights = ip_adapter_attention_weights(_read_checkpoint(ip_adapter, weight_name, **hub_kwargs))
+    _, weights = split_ip_adapter_checkpoint(_read_checkpoint(ip_adapter, weight_name, **hub_kwargs))
     for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True)):
         key_id = 2 * index + 1
         for projection in ("to_k_ip", "to_v_ip"):
             key = f"{key_id}.{projection}.weight"
-            target = getattr(layer, projection).weight
             if key not in weights:
                 raise AdapterLoadError(
                     f"The IP-Adapter checkpoint has no 'ip_adapter.{key}' for layer {index} ('{name}'): it was made "
                     f"for a UNet with fewer cross-attention layers than this one ({adapter.num_layers})."
                 )
-            if weights[key].shape != target.shape:
-                raise AdapterLoadError(
-                    f"The IP-Adapter weight 'ip_adapter.{key}' has shape {tuple(weights[key].shape)}, but layer "
-                    f"'{name}' needs {tuple(target.shape)}: the checkpoint is for another base model."
-                )
-            target.copy_(weights[key])
+            _copy(getattr(layer, projection).weight, weights[key], f"ip_adapter.{key}")
     extra = len({k.split(".")[0] for k in weights}) - adapter.num_layers
     if extra > 0:
         logger.warning("The IP-Adapter checkpoint has %d more layers than the adapter; they were ignored.", extra)
     return adapter
 
 
+@torch.no_grad()
+def load_resampler(adapter: CustomContrastAdapter, image_proj: Mapping[str, torch.Tensor]) -> CustomContrastAdapter:
+    """Copy an IP-Adapter-Plus Resampler into the adapter's visual Q-Former (in place; returned)."""
+    qformer = adapter.encoder.visual_qformer
+    targets = dict(qformer.named_parameters())
+    for key, value in image_proj.items():
+        if key == "latents":
+            _copy(qformer.queries[1:], value[0], "image_proj.latents")
+            continue
+        name = next((pattern.sub(repl, key) for pattern, repl in _RESAMPLER_KEYS if pattern.match(key)), None)
+        if name not in targets:
+            raise AdapterLoadError(
+                f"The IP-Adapter-Plus Resampler has a weight 'image_proj.{key}' that the visual Q-Former has no place "
+                "for: the checkpoint is not an IP-Adapter-Plus Resampler of the original layout."
+            )
+        _copy(targets.pop(name), value, f"image_proj.{key}")
+    if "queries" in targets:
+        targets.pop("queries")  # only rows 1.. are the latents; row 0, the CLS query, keeps its initial value
+    if targets:
+        raise AdapterLoadError(
+            f"The IP-Adapter-Plus Resampler has no weight for the visual Q-Former's '{sorted(targets)[0]}' "
+            f"({len(targets)} missing): the file is incomplete."
+        )
+    return adapter
+
+
+def _options(derived: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The converted adapter's options: the checkpoint's, then the no-op starts, then the user's other choices."""
+    for name, value in given.items():
+        if name in derived and (list(value) if isinstance(value, (list, tuple)) else value) != derived[name]:
+            raise ValueError(
+                f"'{name}' is fixed by the IP-Adapter-Plus checkpoint ({derived[name]!r}), but {value!r} was given: "
+                "leave it out."
+            )
+    return {**CONVERTED_OPTIONS, **given, **derived}
+
+
 def adapter_from_ip_adapter(
     unet: nn.Module,
-    ip_adapter: str | os.PathLike | dict,
+    ip_adapter: str | os.PathLike | Mapping,
     image_encoder: nn.Module | None = None,
+    /,
     weight_name: str | None = None,
     hub_kwargs: dict | None = None,
     **config,
 ) -> CustomContrastAdapter:
-    """A new adapter for ``unet`` whose visual cross-attention comes from an IP-Adapter checkpoint.
+    """A new adapter for ``unet`` converted from an IP-Adapter-Plus (or IP-Adapter) checkpoint.
 
-    ``config`` holds :class:`CustomContrastAdapter` options; ``hub_kwargs`` (``subfolder``, ``revision``, ...) say
-    where to find ``weight_name`` when ``ip_adapter`` is a hub repository.
+    From IP-Adapter-Plus the visual Q-Former and the visual cross-attention come from the checkpoint, and the parts
+    CustomContrast adds start as no-ops (:data:`CONVERTED_OPTIONS`): loaded with ``load_customcontrast`` at its
+    default settings the adapter gives IP-Adapter-Plus's images. From plain IP-Adapter only the visual
+    cross-attention comes from the checkpoint (the rest starts new, see the module docstring).
+
+    Args:
+        unet: the base model's UNet.
+        ip_adapter: a checkpoint file, a folder or hub repository (with ``weight_name``), or a loaded state dict.
+        image_encoder: the CLIP vision model the checkpoint was trained with; checked against the checkpoint. Like
+            ``unet`` and ``ip_adapter``, given by position (``image_encoder=`` is the config's informative hub id).
+        weight_name: the checkpoint's file name in a folder or repository.
+        hub_kwargs: where to find it (``subfolder``, ``revision``, ``local_files_only``, ...).
+        **config: other :class:`~diffusers_customcontrast.models.CustomContrastAdapterConfig` options (the
+            textual Q-Former's shape, ...); those the checkpoint fixes cannot be given otherwise.
+
+    Raises:
+        AdapterLoadError: the checkpoint is of another kind (FaceID, Full), for another base model or image encoder,
+            incomplete or damaged, each in one sentence.
     """
-    adapter = CustomContrastAdapter.from_unet(unet, image_encoder, init_from_unet=False, **config)
-    return load_ip_adapter_attention(adapter, ip_adapter, weight_name, **(hub_kwargs or {}))
+    CustomContrastAdapterConfig.for_unet(unet, image_encoder, **config)  # bad options fail before any download
+    image_proj, ip_weights = split_ip_adapter_checkpoint(
+        _read_checkpoint(ip_adapter, weight_name, **dict(hub_kwargs or {}))
+    )
+    kind = ip_adapter_kind(image_proj, ip_weights)
+    if kind == "plain":
+        logger.warning(
+            "A plain IP-Adapter checkpoint: its image projection reads CLIP's pooled image embedding, which the "
+            "adapter does not read; only its to_k_ip/to_v_ip were transferred."
+        )
+        adapter = CustomContrastAdapter.from_unet(unet, image_encoder, init_from_unet=False, **config)
+        return load_ip_adapter_attention(adapter, {"ip_adapter": ip_weights})
+
+    derived = resampler_options(image_proj)
+    context = cross_attention_layout(unet).cross_attention_dim
+    width = image_proj["proj_out.weight"].shape[0]
+    if width != context:
+        raise AdapterLoadError(
+            f"This IP-Adapter-Plus checkpoint makes tokens of width {width} ({_family_of_width(width)}), but the "
+            f"UNet's cross-attention reads width {context}: use the checkpoint made for this base model."
+        )
+    if image_encoder is not None and image_encoder.config.hidden_size != derived["image_embed_dim"]:
+        raise AdapterLoadError(
+            f"This IP-Adapter-Plus checkpoint reads image features of width {derived['image_embed_dim']}, but the "
+            f"image encoder has hidden size {image_encoder.config.hidden_size}: use the image encoder it was "
+            "trained with (ViT-H/14: 1280, ViT-bigG/14: 1664)."
+        )
+    options = _options({**derived, "image_feature_layers": [-2]}, config)
+    adapter = CustomContrastAdapter.from_unet(unet, image_encoder, init_from_unet=False, **options)
+    load_resampler(adapter, image_proj)
+    return load_ip_adapter_attention(adapter, {"ip_adapter": ip_weights})
+
+
+def _family_of_width(width: int) -> str:
+    return {768: "an SD1.5 checkpoint", 1024: "an SD2 checkpoint", 2048: "an SDXL checkpoint"}.get(
+        width, "another base model's"
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Command line: write a warm-started adapter folder."""
+    """Command line: write a converted adapter folder."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
@@ -145,5 +318,5 @@ def main(argv: list[str] | None = None) -> Path:
     adapter.save_pretrained(args.output_dir)
     if image_encoder is not None:
         image_encoder.save_pretrained(Path(args.output_dir, "image_encoder"))
-    logger.info("Wrote a warm-started CustomContrast adapter to %s", args.output_dir)
+    logger.info("Wrote a CustomContrast adapter converted from IP-Adapter to %s", args.output_dir)
     return Path(args.output_dir)

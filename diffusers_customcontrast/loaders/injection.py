@@ -93,7 +93,9 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
     projection = CustomContrastImageProjection(adapter.encoder)
     original_processors = dict(unet.attn_processors)
     processors = {
-        name: CustomContrastAttnProcessor2_0(layer, index, adapter.config.num_textual_tokens, scale=scale)
+        name: CustomContrastAttnProcessor2_0(
+            layer, index, adapter.config.num_textual_tokens, scale=scale, s_plus_scale=adapter.config.s_plus_scale
+        )
         for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True))
     }
     # set_attn_processor empties the dict it is given: hand it a copy.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from ..models.adapter import CustomContrastAdapter
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = CustomContrastAdapter.config_name
+# A weight only the adapters saved before format 2 have: the learned queries of their visual Q-Former.
+EARLIER_LAYOUT_KEY = "encoder.visual_queries"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")
 
 
@@ -91,10 +94,14 @@ def safe_torch_load(path: str | os.PathLike) -> object:
     """``torch.load`` that refuses anything but tensors and plain containers (``weights_only=True``)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError for unsafe pickles, RuntimeError for damaged archives
+    except pickle.UnpicklingError as error:
         raise AdapterLoadError(
             f"Refusing '{path}': it is not a plain tensor checkpoint loadable with torch.load(weights_only=True) "
             f"(convert it to safetensors): {error}"
+        ) from error
+    except Exception as error:  # RuntimeError or OSError for a damaged or cut-off archive
+        raise AdapterLoadError(
+            f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt): {error}"
         ) from error
 
 
@@ -167,6 +174,12 @@ def adapter_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]) -
             adapter = CustomContrastAdapter.from_config(config)
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise AdapterLoadError(f"Invalid CustomContrast adapter config: {error}") from error
+    if EARLIER_LAYOUT_KEY in state_dict:
+        raise AdapterLoadError(
+            "This adapter was saved in the layout of diffusers-customcontrast before format 2 (a visual Q-Former of "
+            "learned-query blocks), which this version cannot read: the visual Q-Former is now IP-Adapter-Plus's "
+            "Resampler, so retrain the adapter (e.g. starting from IP-Adapter-Plus, see docs/training.md)."
+        )
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

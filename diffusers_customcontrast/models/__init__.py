@@ -1,10 +1,10 @@
 """The CustomContrast model: its config, Q-Formers, the MFI encoder, per-layer heads and the adapter that holds them."""
 
 from .adapter import CustomContrastAdapter, select_image_features
-from .adapter_layer import CustomContrastLayer, SubjectLocationHead
-from .config import ARCHITECTURE_OPTIONS, BASE_FAMILIES, FORMAT_VERSION, CustomContrastAdapterConfig
+from .adapter_layer import CustomContrastLayer, LocationGate, SubjectLocationHead
+from .config import ARCHITECTURE_OPTIONS, BASE_FAMILIES, FORMAT_VERSION, TV_FUSION_INITS, CustomContrastAdapterConfig
 from .mfi_encoder import ImageContext, MFIEncoder, SubjectTokens, TVFusion
-from .qformer import QFormer, QFormerBlock
+from .qformer import PerceiverBlock, QFormer, QFormerBlock, VisualQFormer
 from .unet_layout import CrossAttentionLayout, cross_attention_layout
 
 __all__ = [
@@ -16,12 +16,16 @@ __all__ = [
     "CustomContrastAdapterConfig",
     "CustomContrastLayer",
     "ImageContext",
+    "LocationGate",
     "MFIEncoder",
+    "PerceiverBlock",
     "QFormer",
     "QFormerBlock",
     "SubjectLocationHead",
     "SubjectTokens",
     "TVFusion",
+    "TV_FUSION_INITS",
+    "VisualQFormer",
     "cross_attention_layout",
     "select_image_features",
 ]

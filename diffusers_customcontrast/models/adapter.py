@@ -51,7 +51,9 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
         self.adapter_config = config
         self.encoder = MFIEncoder(config)
         self.layers = nn.ModuleList(
-            CustomContrastLayer(config.cross_attention_dim, width, config.location_init_bias)
+            CustomContrastLayer(
+                config.cross_attention_dim, width, config.location_init_bias, config.location_gate_init
+            )
             for width in config.layer_hidden_sizes
         )
 

@@ -18,8 +18,9 @@ class SubjectLocationHead(nn.Module):
     def __init__(self, cross_attention_dim: int, init_bias: float = 3.0) -> None:
         super().__init__()
         self.affine = nn.Linear(cross_attention_dim, 2)
-        # Start as a flat, nearly open gate (sigmoid(3) = 0.95) so a visual branch warm-started from IP-Adapter
-        # behaves as IP-Adapter until the location loss teaches the head where to look.
+        # Gain 1 and bias init_bias whatever the tokens: the map starts as sigmoid(standardised affinity + 3), which
+        # over a feature map spans about (0.45, 1), not a flat gate. The location loss trains it from there; keeping
+        # the visual branch open meanwhile is the LocationGate's job.
         nn.init.zeros_(self.affine.weight)
         with torch.no_grad():
             self.affine.bias.copy_(torch.tensor([1.0, init_bias]))
@@ -34,11 +35,37 @@ class SubjectLocationHead(nn.Module):
         return torch.sigmoid(gain[:, None] * standardised + bias[:, None])
 
 
-class CustomContrastLayer(nn.Module):
-    """Visual cross-attention projections (the shapes of IP-Adapter's) and the location head of one layer."""
+class LocationGate(nn.Module):
+    """How much the location map gates the layer's visual branch: ``1 - s (1 - m)`` with a learned strength ``s``.
 
-    def __init__(self, cross_attention_dim: int, hidden_size: int, location_init_bias: float = 3.0) -> None:
+    ``s`` is clamped to [0, 1]: at 0 the gate is exactly open (1 everywhere, the visual branch reaches every pixel
+    as IP-Adapter's does), at 1 it is the map itself. An adapter converted from IP-Adapter starts at 0, so it computes
+    what IP-Adapter computes, and the diffusion loss opens the gate from there (the gradient on ``s`` is that of the
+    gated output, non-zero at 0); a new adapter starts at 1.
+    """
+
+    def __init__(self, init_strength: float = 1.0) -> None:
+        super().__init__()
+        self.strength = nn.Parameter(torch.tensor(float(init_strength)))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Location maps in (0, 1) -> the gate, of the same shape, in [maps, 1]."""
+        strength = self.strength.clamp(0.0, 1.0).to(maps.dtype)
+        return 1.0 - strength * (1.0 - maps)
+
+
+class CustomContrastLayer(nn.Module):
+    """Visual cross-attention projections (the shapes of IP-Adapter's), the location head and gate of one layer."""
+
+    def __init__(
+        self,
+        cross_attention_dim: int,
+        hidden_size: int,
+        location_init_bias: float = 3.0,
+        location_gate_init: float = 1.0,
+    ) -> None:
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.location = SubjectLocationHead(cross_attention_dim, location_init_bias)
+        self.location_gate = LocationGate(location_gate_init)

@@ -22,10 +22,14 @@ __all__ = [
     "ARCHITECTURE_OPTIONS",
     "BASE_FAMILIES",
     "FORMAT_VERSION",
+    "TV_FUSION_INITS",
     "CustomContrastAdapterConfig",
 ]
 
-FORMAT_VERSION = 1
+# 2: the visual Q-Former is IP-Adapter-Plus's Resampler (with a CLS query), the TV fusion a residual, each layer has
+# a location gate. Format-1 configs read the same; their weights (the earlier layout) are refused by the loader.
+FORMAT_VERSION = 2
+TV_FUSION_INITS = ("random", "identity")
 BASE_FAMILIES = ("sd15", "sdxl", "custom")
 MAX_SIZE = 2**31 - 1  # widths, depths and counts above this are a damaged config, not a model
 
@@ -89,6 +93,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_encoder": (lambda v: v is None or isinstance(v, str), "a hub id or path or null"),
     "mlp_ratio": (_is_number, "a number with hidden_size * mlp_ratio in [1, {max}]"),
     "location_init_bias": (_is_number, "a finite number"),
+    "location_gate_init": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "tv_fusion_init": (lambda v: isinstance(v, str) and v in TV_FUSION_INITS, f"one of {', '.join(TV_FUSION_INITS)}"),
+    "s_plus_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
 }
 
 
@@ -155,13 +162,29 @@ class CustomContrastAdapterConfig:
     # The MFI encoder's shape.
     hidden_size: int = _option(768, "Width of the Q-Formers of the MFI encoder.")
     num_heads: int = _option(12, "Attention heads of the Q-Formers.")
-    visual_depth: int = _option(4, "Blocks of the visual Q-Former.")
+    visual_depth: int = _option(4, "Blocks of the visual Q-Former (IP-Adapter-Plus's Resampler has 4).")
     textual_depth: int = _option(2, "Blocks of the textual Q-Former.")
-    num_visual_tokens: int = _option(16, "Visual tokens Nv (besides the visual CLS).")
-    num_textual_tokens: int = _option(8, "S+ tokens Ns per cross-attention layer (and fused visual tokens per layer).")
+    num_visual_tokens: int = _option(
+        16, "Visual tokens Nv (besides the visual CLS): the tokens each layer's visual cross-attention reads."
+    )
+    num_textual_tokens: int = _option(8, "S+ tokens Ns per cross-attention layer.")
     timestep_embed_dim: int = _option(256, "Width of the sinusoidal timestep features of the textual Q-Former.")
     mlp_ratio: float = _option(4.0, "MLP expansion of the Q-Former blocks.")
-    location_init_bias: float = _option(3.0, "Initial bias of the location heads (sigmoid(3) = 0.95: open gate).")
+    location_init_bias: float = _option(
+        3.0, "Initial bias of the location heads: the maps start as sigmoid(standardised affinity + bias)."
+    )
+    # How the parts CustomContrast adds to IP-Adapter-Plus start (a converted IP-Adapter: identity, 0.0, 0.0).
+    tv_fusion_init: str = _option(
+        "random",
+        "'identity' starts the TV fusion's residual at zero (every layer reads the visual Q-Former's tokens as they "
+        "are); 'random' initialises it as any linear layer.",
+    )
+    location_gate_init: float = _option(
+        1.0, "Initial strength of the location gates: 1 gates the visual branch by the location map, 0 leaves it open."
+    )
+    s_plus_scale: float = _option(
+        1.0, "The S+ scale beta the adapter is loaded with (0: S+ tokens off until set_customcontrast_scale)."
+    )
     format_version: int = _option(FORMAT_VERSION, "Version of this config format; newer versions are refused.")
 
     def __post_init__(self) -> None:
@@ -281,6 +304,9 @@ ARCHITECTURE_OPTIONS: tuple[str, ...] = (
     "timestep_embed_dim",
     "mlp_ratio",
     "location_init_bias",
+    "tv_fusion_init",
+    "location_gate_init",
+    "s_plus_scale",
     "image_feature_layers",
 )
 """The fields a user chooses when training a new adapter; the others come from the UNet and the image encoder."""

@@ -1,9 +1,11 @@
 """The Multimodal Feature Injection (MFI) encoder of CustomContrast (paper figure 2a, b).
 
-A visual Q-Former summarises the reference image into visual tokens ``V = [V_cls; V_1..V_Nv]``. A textual Q-Former,
+A visual Q-Former (IP-Adapter-Plus's Resampler with a CLS query) summarises the reference image into visual tokens
+``V = [V_cls; V_1..V_Nv]``. A textual Q-Former,
 conditioned on the diffusion timestep ``t`` and the cross-attention layer ``l``, produces the layer's S+ tokens
 ``s_l(t)`` and a textual CLS token. The TV fusion lets the textual tokens attend over the visual tokens; its attention
-weights ``A_l(t)`` re-weight the visual tokens into the tokens that the layer's visual cross-attention reads.
+weights ``A_l(t)`` re-weight the visual tokens, added to them, into the tokens that the layer's visual
+cross-attention reads.
 
 The work splits in two: :meth:`MFIEncoder.encode_image` depends on the image alone, :meth:`MFIEncoder.encode_step`
 on the timestep, and runs all layers in one call. ``forward`` runs both, or only the second for an image context the
@@ -16,19 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from .config import CustomContrastAdapterConfig
-from .qformer import KeysValues, QFormer, merge_heads, split_heads
+from .qformer import KeysValues, QFormer, VisualQFormer, split_heads
 
 
 @dataclass
 class ImageContext:
     """What the encoder derives from the reference image alone (independent of timestep and layer)."""
 
-    visual_tokens: torch.Tensor  # [B, Nv, H]
+    visual_tokens: torch.Tensor  # [B, Nv, D_ctx]: the visual Q-Former's tokens at the UNet's context width
     visual_cls: torch.Tensor  # [B, H]
     textual_kv: KeysValues  # per textual Q-Former block, [B, heads, P, d] keys and values of the image
     fusion_keys: torch.Tensor  # [B, heads, Nv, d]
@@ -40,7 +41,7 @@ class SubjectTokens:
     """The encoder's output for one batch of reference images at one timestep per row."""
 
     s_plus: torch.Tensor  # [B, L, Ns, D_ctx]: appended to the text context of layer l
-    visual: torch.Tensor  # [B, L, Ns, D_ctx]: read by layer l's visual cross-attention
+    visual: torch.Tensor  # [B, L, Nv, D_ctx]: read by layer l's visual cross-attention
     visual_cls: torch.Tensor  # [B, H]
     textual_cls: torch.Tensor  # [B, L, H]
 
@@ -48,34 +49,51 @@ class SubjectTokens:
 class TVFusion(nn.Module):
     """Textual tokens query the visual tokens; the attention weights re-weight the visual tokens themselves.
 
-    ``v_l(t) = proj(A_l(t) V)`` with ``A_l(t) = softmax(s_l W_q (V W_k)^T / sqrt(d))``: there is no value projection,
-    so the output is a mixture of the visual Q-Former's tokens chosen by the layer's and timestep's textual tokens.
+    ``A_l(t) = softmax(s_l W_q (V W_k)^T / sqrt(d))`` per head. Each visual token is weighed by the attention it
+    receives from the layer's textual tokens (per head, scaled so that the weights average 1), and the re-weighted
+    tokens are added to the visual Q-Former's output through ``proj``::
+
+        v_l(t)_j = V_out_j + proj(Nv * mean_i A_l(t)_ij * V_j)
+
+    A residual rather than ``proj(A V)`` alone (our choice): with ``proj`` zero-initialised (``identity_init``)
+    every layer reads exactly the visual Q-Former's tokens, which is what a converted IP-Adapter-Plus needs, and
+    training adds the layer- and timestep-dependent part from there.
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_heads: int) -> None:
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_heads: int, identity_init: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(hidden_size, hidden_size)
         self.to_k = nn.Linear(hidden_size, hidden_size)
         self.proj = nn.Linear(hidden_size, cross_attention_dim)
-        self.norm = nn.LayerNorm(cross_attention_dim)
+        if identity_init:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def keys_values(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values ``[B, heads, Nv, d]`` of the visual tokens ``[B, Nv, H]``."""
         return split_heads(self.to_k(visual_tokens), self.num_heads), split_heads(visual_tokens, self.num_heads)
 
-    def forward(self, textual: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``textual`` ``[B, L, Ns, H]`` -> fused visual tokens ``[B, L, Ns, D_ctx]``."""
+    def forward(
+        self, textual: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visual_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """``textual`` ``[B, L, Ns, H]`` and the visual tokens ``[B, Nv, D_ctx]`` -> fused ``[B, L, Nv, D_ctx]``."""
         batch, layers, tokens, hidden = textual.shape
+        num_visual = keys.shape[2]
         q = split_heads(self.to_q(textual.reshape(batch, layers * tokens, hidden)), self.num_heads)
-        fused = merge_heads(F.scaled_dot_product_attention(q, keys, values))
-        return self.norm(self.proj(fused)).view(batch, layers, tokens, -1)
+        attention = (q @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5).softmax(dim=-1)
+        weights = attention.unflatten(2, (layers, tokens)).mean(dim=3) * num_visual  # [B, heads, L, Nv]
+        reweighted = weights[..., None] * values[:, :, None]  # [B, heads, L, Nv, d]
+        reweighted = reweighted.permute(0, 2, 3, 1, 4).reshape(batch, layers, num_visual, hidden)
+        return visual_tokens[:, None] + self.proj(reweighted)
 
 
 class MFIEncoder(nn.Module):
     """Visual Q-Former, timestep- and layer-conditioned textual Q-Former, and TV fusion.
 
     Its shape is that of ``config`` (a :class:`CustomContrastAdapterConfig`): ``image_embed_dim`` wide features in,
-    ``num_layers`` x ``num_textual_tokens`` S+ and fused visual tokens of width ``cross_attention_dim`` out.
+    per layer ``num_textual_tokens`` S+ tokens and ``num_visual_tokens`` fused visual tokens of width
+    ``cross_attention_dim`` out.
     """
 
     def __init__(self, config: CustomContrastAdapterConfig) -> None:
@@ -83,33 +101,38 @@ class MFIEncoder(nn.Module):
         hidden, heads = config.hidden_size, config.num_heads
         self.num_layers = config.num_layers
         self.num_textual_tokens = config.num_textual_tokens
+        context = config.cross_attention_dim
+
+        self.visual_qformer = VisualQFormer(
+            config.image_embed_dim,
+            hidden,
+            heads,
+            config.visual_depth,
+            config.num_visual_tokens,
+            context,
+            config.mlp_ratio,
+        )
+
         self.image_proj = nn.Sequential(
             nn.LayerNorm(config.image_embed_dim), nn.Linear(config.image_embed_dim, hidden)
         )
-
-        self.visual_queries = nn.Parameter(torch.randn(1 + config.num_visual_tokens, hidden) * 0.02)
-        self.visual_qformer = QFormer(hidden, heads, config.visual_depth, config.mlp_ratio)
-
         self.textual_queries = nn.Parameter(torch.randn(config.num_textual_tokens + 1, hidden) * 0.02)
         self.time_proj = Timesteps(config.timestep_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(config.timestep_embed_dim, hidden)
         self.layer_embedding = nn.Embedding(config.num_layers, hidden)
         self.textual_qformer = QFormer(hidden, heads, config.textual_depth, config.mlp_ratio)
 
-        context = config.cross_attention_dim
         self.s_plus_proj = nn.Sequential(nn.Linear(hidden, context), nn.LayerNorm(context))
-        self.tv_fusion = TVFusion(hidden, context, heads)
+        self.tv_fusion = TVFusion(hidden, context, heads, identity_init=config.tv_fusion_init == "identity")
 
     def encode_image(self, image_features: torch.Tensor) -> ImageContext:
         """The timestep-independent part: visual Q-Former and the image keys of the textual Q-Former and fusion."""
-        context = self.image_proj(image_features)
-        queries = self.visual_queries.expand(context.shape[0], 1, -1, -1)
-        visual = self.visual_qformer(queries, self.visual_qformer.image_keys_values(context))[:, 0]
-        fusion_keys, fusion_values = self.tv_fusion.keys_values(visual[:, 1:])
+        visual_cls, visual_hidden, visual_tokens = self.visual_qformer(image_features)
+        fusion_keys, fusion_values = self.tv_fusion.keys_values(visual_hidden)
         return ImageContext(
-            visual_tokens=visual[:, 1:],
-            visual_cls=visual[:, 0],
-            textual_kv=self.textual_qformer.image_keys_values(context),
+            visual_tokens=visual_tokens,
+            visual_cls=visual_cls,
+            textual_kv=self.textual_qformer.image_keys_values(self.image_proj(image_features)),
             fusion_keys=fusion_keys,
             fusion_values=fusion_values,
         )
@@ -127,7 +150,7 @@ class MFIEncoder(nn.Module):
         ns = self.num_textual_tokens
         return SubjectTokens(
             s_plus=self.s_plus_proj(textual[:, :, :ns]),
-            visual=self.tv_fusion(textual[:, :, :ns], image.fusion_keys, image.fusion_values),
+            visual=self.tv_fusion(textual[:, :, :ns], image.fusion_keys, image.fusion_values, image.visual_tokens),
             visual_cls=image.visual_cls,
             textual_cls=textual[:, :, ns],
         )

@@ -1,10 +1,16 @@
-"""A Q-Former whose image-side keys and values can be computed once and reused.
+"""The two Q-Formers of the MFI encoder.
 
+:class:`QFormer` (the textual one) has image-side keys and values that can be computed once and reused.
 transformers' ``Blip2QFormerModel`` would fit the maths, but it projects ``encoder_hidden_states`` into keys and
 values inside every call. The textual Q-Former runs once per (timestep, layer): with it, each denoising step would
 re-project the same image features for every one of the UNet's 16 (SD1.5) or 70 (SDXL) cross-attention layers.
 Here the image side is projected once per image (:meth:`QFormer.image_keys_values`) and any number of query groups
 (one per layer) attend to it in a single batched call.
+
+:class:`VisualQFormer` is IP-Adapter-Plus's Resampler (a Perceiver) with one more query, the visual CLS, so that
+an IP-Adapter-Plus checkpoint converts into it key for key and computes the same tokens. diffusers' own
+``IPAdapterPlusImageProjection`` has no CLS query and no way to expose the pre-projection tokens that the TV fusion
+and the contrastive loss read, hence a module of our own with the same maths.
 """
 
 from __future__ import annotations
@@ -90,3 +96,73 @@ class QFormer(nn.Module):
         for block, kv in zip(self.blocks, image_kv, strict=True):
             queries = block(queries, kv)
         return self.norm_out(queries)
+
+
+class PerceiverBlock(nn.Module):
+    """One block of IP-Adapter-Plus's Resampler: the queries attend to the image tokens and the latent queries at
+    once (one softmax over both), then an MLP; pre-norm, residual.
+
+    The parameter names are those of the original checkpoints (``norm1`` for the image, ``norm2`` for the queries,
+    ``to_q``, ``to_kv``, ``to_out``, and ``ff`` = LayerNorm, Linear, GELU, Linear), all projections without bias as
+    there. The first query (the visual CLS) reads the others but is not read by them: the latent queries compute
+    exactly what the Resampler's do.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.to_q = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.to_kv = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
+        self.to_out = nn.Linear(hidden_size, hidden_size, bias=False)
+        inner = int(hidden_size * mlp_ratio)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, inner, bias=False),
+            nn.GELU(),
+            nn.Linear(inner, hidden_size, bias=False),
+        )
+
+    def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``image`` ``[B, P, C]`` (after ``proj_in``) and ``queries`` ``[B, 1 + Nv, C]`` (CLS first) -> new queries."""
+        normed = self.norm2(queries)
+        keys, values = self.to_kv(torch.cat([self.norm1(image), normed[:, 1:]], dim=1)).chunk(2, dim=-1)
+        q, k, v = (split_heads(t, self.num_heads) for t in (self.to_q(normed), keys, values))
+        queries = queries + self.to_out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return queries + self.ff(queries)
+
+
+class VisualQFormer(nn.Module):
+    """The visual Q-Former: IP-Adapter-Plus's Resampler plus a visual CLS query.
+
+    ``queries`` row 0 is the CLS, rows 1.. are the Resampler's ``latents``; ``proj_in``, ``blocks`` (its ``layers``),
+    ``proj_out`` and ``norm_out`` are its modules of the same names. Returns the CLS ``[B, H]`` (for the contrastive
+    loss), the visual tokens at the Q-Former's width ``[B, Nv, H]`` (what the TV fusion weighs) and the visual
+    tokens at the UNet's context width ``[B, Nv, D_ctx]`` (the Resampler's output, what the layers read).
+    """
+
+    def __init__(
+        self,
+        image_embed_dim: int,
+        hidden_size: int,
+        num_heads: int,
+        depth: int,
+        num_tokens: int,
+        cross_attention_dim: int,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1 + num_tokens, hidden_size) / hidden_size**0.5)
+        self.proj_in = nn.Linear(image_embed_dim, hidden_size)
+        self.blocks = nn.ModuleList([PerceiverBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.proj_out = nn.Linear(hidden_size, cross_attention_dim)
+        self.norm_out = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = self.proj_in(image_features)
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        for block in self.blocks:
+            queries = block(image, queries)
+        tokens = queries[:, 1:]
+        return queries[:, 0], tokens, self.norm_out(self.proj_out(tokens))

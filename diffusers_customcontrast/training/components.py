@@ -280,7 +280,7 @@ def adapter_kwargs(config: TrainingConfig) -> dict[str, Any]:
 
 
 def build_adapter(config: TrainingConfig, base: BaseModel) -> CustomContrastAdapter:
-    """A float32 adapter for ``base.unet``: new (visual attention from the UNet or an IP-Adapter) or pretrained.
+    """A float32 adapter for ``base.unet``: new, converted from an IP-Adapter(-Plus) checkpoint, or pretrained.
 
     Build it after :func:`add_unet_lora`: the LoRA targets are matched by module name, and the adapter's own
     ``to_q``/``to_k`` projections must not get one once it lives inside the UNet.
@@ -290,21 +290,27 @@ def build_adapter(config: TrainingConfig, base: BaseModel) -> CustomContrastAdap
 
         adapter = load_adapter(config.pretrained_adapter_name_or_path)
         adapter.check_compatible(base.unet, base.image_encoder)
+    elif config.init_from_ip_adapter:
+        from ..loaders.convert import adapter_from_ip_adapter
+
+        # IP-Adapter-Plus converts whole (the run starts at its loss); plain IP-Adapter gives its to_k_ip / to_v_ip.
+        adapter = adapter_from_ip_adapter(
+            base.unet,
+            config.init_from_ip_adapter,
+            base.image_encoder,
+            config.ip_adapter_weight_name,
+            hub_kwargs={"subfolder": config.ip_adapter_subfolder} if config.ip_adapter_subfolder else None,
+            image_encoder=base.image_encoder_source,
+            **adapter_kwargs(config),
+        )
     else:
         adapter = CustomContrastAdapter.from_unet(
             base.unet,
             base.image_encoder,
-            init_from_unet=config.init_from_ip_adapter is None,
             # Informative: the model card and a later load say which encoder the adapter was trained with.
             image_encoder=base.image_encoder_source,
             **adapter_kwargs(config),
         )
-    if config.init_from_ip_adapter:
-        from ..loaders.convert import load_ip_adapter_attention
-
-        hub = {"subfolder": config.ip_adapter_subfolder} if config.ip_adapter_subfolder else {}
-        load_ip_adapter_attention(adapter, config.init_from_ip_adapter, config.ip_adapter_weight_name, **hub)
-    # Trainable weights stay float32 under mixed precision (autocast computes in half, the optimizer updates fp32).
     return nn.Module.to(adapter, device=base.unet.device, dtype=torch.float32).train()
 
 

@@ -97,7 +97,10 @@ class TrainingConfig:
         None, "Start from a trained CustomContrast adapter (hub id or folder) instead of a new one."
     )
     init_from_ip_adapter: str | None = _f(
-        None, "Warm-start the visual cross-attention from an IP-Adapter checkpoint: a file, or a folder / hub repo."
+        None,
+        "Start from an IP-Adapter-Plus checkpoint (a file, or a folder / hub repo with ip_adapter_weight_name): the "
+        "adapter is converted whole and starts as IP-Adapter-Plus (its Resampler sets the visual Q-Former's shape; "
+        "TV fusion identity, location gates open, S+ scale 0). From plain IP-Adapter only to_k_ip / to_v_ip.",
     )
     ip_adapter_weight_name: str | None = _f(
         None, "File name of the IP-Adapter checkpoint inside init_from_ip_adapter (a folder or hub repo)."

@@ -72,7 +72,7 @@ def test_scale_strip_runs_from_the_base_model_to_the_request(subject_image):
     result = studio.generate([subject_image], REQUEST)
     strip = studio.scale_strip([subject_image], REQUEST, factors=(0.0, 0.5, 1.0))
 
-    assert [caption for _, caption in strip] == ["scale 0.00, S+ 0.00", "scale 0.35, S+ 0.25", "scale 0.70, S+ 0.50"]
+    assert [caption for _, caption in strip] == ["0.00 / 0.00", "0.35 / 0.25", "0.70 / 0.50"]
     np.testing.assert_array_equal(np.asarray(strip[0][0]), np.asarray(result.base_image))
     np.testing.assert_array_equal(np.asarray(strip[2][0]), np.asarray(result.image))
     assert not np.array_equal(np.asarray(strip[1][0]), np.asarray(result.image))
@@ -197,16 +197,14 @@ def browser():
 def served_app():
     """The page of a tiny studio, served on a free localhost port; yields ``(url, studio)``."""
     pytest.importorskip("gradio", reason='the web app needs gradio: pip install -e ".[app]"')
-    from diffusers_customcontrast.app.layout import MAX_FILE_SIZE, build_app
+    from diffusers_customcontrast.app.layout import build_app, launch_app
 
     studio = tiny_studio()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     app = build_app(studio)
-    app.launch(
-        server_name="127.0.0.1", server_port=port, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=True, quiet=True
-    )
+    launch_app(app, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", studio
     app.close()
 

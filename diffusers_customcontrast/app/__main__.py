@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Gradio is an optional extra: import it only once the arguments are known to be fine.
-    from .layout import MAX_FILE_SIZE, build_app
+    from .layout import build_app, launch_app
     from .studio import load_studio
 
     try:
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, ValueError) as error:  # a missing or unfit model: one sentence, no traceback
         raise SystemExit(f"Cannot start the app: {error}") from None
     logging.getLogger(__name__).info(studio.description)
-    build_app(studio).launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE)
+    launch_app(build_app(studio), args.host, args.port)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,7 +36,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m diffusers_customcontrast.app",
         description="A local web page to try a CustomContrast adapter. Without --base and --adapter it runs offline, "
         "on the synthetic world's base model and its trained adapter.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--base", default=None, help="hub id or folder of an SD1.5 or SDXL pipeline (default: the world's base model)"
@@ -46,8 +45,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="hub id or folder of a CustomContrast adapter (required with --base; default: the world's adapter)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)",
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--dtype",

@@ -14,17 +14,22 @@ import gradio as gr
 from .studio import MAX_LOCATION_FRAMES, SCALE_STRIP_FACTORS, Generation, GenerationRequest, SubjectStudio
 from .uploads import read_subject_images
 
-__all__ = ["MAX_FILE_SIZE", "build_app"]
+__all__ = ["MAX_FILE_SIZE", "build_app", "launch_app"]
 
 MAX_FILE_SIZE = "50mb"
 """Largest upload the server accepts (Gradio refuses larger files before they reach the app)."""
 
 IMAGE_HEIGHT = 320  # shown size in pixels: a 64 px world image is scaled up, a 1024 px one down
-GALLERY_HEIGHT = 240
+
+# Small images (the world's are 64 px) are drawn large, with visible pixels rather than blurred.
+CSS = """
+#result img, #base img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#location-maps img, #scale-strip img { image-rendering: pixelated; }
+"""
 
 
 def build_app(studio: SubjectStudio) -> gr.Blocks:
-    """The page for ``studio``; start it with ``build_app(studio).launch(max_file_size=MAX_FILE_SIZE, ...)``."""
+    """The page for ``studio`` (start it with :func:`launch_app`)."""
     defaults = studio.defaults
     with gr.Blocks(title="CustomContrast", analytics_enabled=False) as app:
         gr.Markdown("# CustomContrast: a subject in any scene")
@@ -54,15 +59,16 @@ def build_app(studio: SubjectStudio) -> gr.Blocks:
                     )
                 location_maps = gr.Gallery(
                     label="Where the subject acts: its location map at each step (white: the subject)",
-                    columns=MAX_LOCATION_FRAMES,
-                    height=GALLERY_HEIGHT,
+                    columns=MAX_LOCATION_FRAMES // 2,
+                    height=340,
                     format="png",
                     elem_id="location-maps",
                 )
                 scale_strip = gr.Gallery(
-                    label=f"Scale strip: the chosen scales times {', '.join(f'{f:g}' for f in SCALE_STRIP_FACTORS)}",
+                    label="Scale strip: scale / S+ scale, the chosen ones times "
+                    + ", ".join(f"{factor:g}" for factor in SCALE_STRIP_FACTORS),
                     columns=len(SCALE_STRIP_FACTORS),
-                    height=GALLERY_HEIGHT,
+                    height=200,
                     format="png",
                     elem_id="scale-strip",
                 )
@@ -130,3 +136,9 @@ def _refuse(error: ValueError, what: str) -> str:
     message = message[:1].upper() + message[1:]
     gr.Warning(message)
     return f"**{what}:** {message}"
+
+
+def launch_app(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **launch_kwargs) -> None:
+    """Serve ``app`` on ``host:port`` (``port=None``: the first free one from 7860) with the page's style and
+    upload limit; ``launch_kwargs`` go to ``gr.Blocks.launch`` (e.g. ``prevent_thread_lock=True``)."""
+    app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, css=CSS, **launch_kwargs)

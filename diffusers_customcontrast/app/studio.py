@@ -158,7 +158,7 @@ class SubjectStudio:
         strip = []
         for factor in factors:
             scale, s_plus_scale = factor * request.scale, factor * request.s_plus_scale
-            caption = f"scale {scale:.2f}, S+ {s_plus_scale:.2f}"
+            caption = f"{scale:.2f} / {s_plus_scale:.2f}"
             strip.append((self._call(condition, request, scale, s_plus_scale, tracker, caption), caption))
         return strip
 
@@ -289,7 +289,7 @@ def load_studio(
             "is not in this checkout, so the images show how the app works, not what the method does "
             "(train one with `python -m diffusers_customcontrast.demo` and pass --adapter demo-output/adapter)"
         )
-        logger.warning("Using %s.", adapter_name)
+        logger.warning("No trained adapter at %s: using an UNTRAINED adapter with random weights.", WORLD_ADAPTER_DIR)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             untrained = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, **WORLD_ADAPTER["adapter"])

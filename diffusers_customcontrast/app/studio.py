@@ -58,7 +58,7 @@ class GenerationRequest:
         negative_prompt: the negative prompt (used when ``guidance_scale > 1``).
         scale: the visual branch's scale (``lambda``), every layer.
         s_plus_scale: the S+ tokens' scale (``beta``), every layer.
-        seed: seed of the initial noise (a CPU generator, so a seed gives the same image on any device).
+        seed: seed of the initial noise (drawn by a CPU generator: the same noise on any device).
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance.
     """

@@ -40,8 +40,7 @@ class LocationGate(nn.Module):
 
     ``s`` is clamped to [0, 1]: at 0 the gate is exactly open (1 everywhere, the visual branch reaches every pixel
     as IP-Adapter's does), at 1 it is the map itself. An adapter converted from IP-Adapter starts at 0, so it computes
-    what IP-Adapter computes, and the diffusion loss opens the gate from there (the gradient on ``s`` is that of the
-    gated output, non-zero at 0); a new adapter starts at 1.
+    what IP-Adapter computes, and the diffusion loss opens the gate from there; a new adapter starts at 1.
     """
 
     def __init__(self, init_strength: float = 1.0) -> None:
@@ -50,7 +49,10 @@ class LocationGate(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Location maps in (0, 1) -> the gate, of the same shape, in [maps, 1]."""
-        strength = self.strength.clamp(0.0, 1.0).to(maps.dtype)
+        # Clamped in the forward pass only: a plain clamp has no gradient outside [0, 1], so a gate pushed below 0 by
+        # its first update (it starts on that edge) could never open again.
+        strength = self.strength + (self.strength.clamp(0.0, 1.0) - self.strength).detach()
+        strength = strength.to(maps.dtype)
         return 1.0 - strength * (1.0 - maps)
 
 

@@ -99,11 +99,11 @@ def resampler_options(image_proj: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     try:
         latents = image_proj["latents"]
         hidden = latents.shape[-1]
+        inner = image_proj["layers.0.0.to_q.weight"].shape[0]  # first: a Resampler without layers fails here
         depth = 1 + max(int(m.group(1)) for k in image_proj if (m := re.match(r"layers\.(\d+)\.", k)))
-        inner = image_proj["layers.0.0.to_q.weight"].shape[0]
         ff_width = image_proj["layers.0.1.1.weight"].shape[0]
         image_embed_dim = image_proj["proj_in.weight"].shape[1]
-    except (KeyError, ValueError, IndexError) as error:
+    except (KeyError, IndexError) as error:
         raise AdapterLoadError(
             f"This IP-Adapter-Plus checkpoint's Resampler is incomplete (no {error}): the file is damaged."
         ) from error

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import gradio as gr
 
-from .studio import MAX_LOCATION_FRAMES, SCALE_STRIP_FACTORS, Generation, GenerationRequest, SubjectStudio
+from .studio import MAX_LOCATION_FRAMES, SCALE_STRIP_FACTORS, GenerationRequest, SubjectStudio
 from .uploads import read_subject_images
 
 __all__ = ["MAX_FILE_SIZE", "build_app", "launch_app"]
@@ -86,7 +86,7 @@ def build_app(studio: SubjectStudio) -> gr.Blocks:
         def on_generate(*values, progress=gr.Progress()):  # noqa: B008
             try:
                 photos, request = _read_controls(*values)
-                result: Generation = studio.generate(photos, request, lambda done, what: progress(done, desc=what))
+                result = studio.generate(photos, request, lambda done, what: progress(done, desc=what))
             except ValueError as error:
                 return None, None, [], _refuse(error, "Not generated")
             return result.image, result.base_image, result.location_maps, " ".join(result.notes) or "Done."

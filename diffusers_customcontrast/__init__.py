@@ -12,6 +12,7 @@ from .attention_processor import CustomContrastAttnProcessor2_0
 from .conditioning import StepRecord, SubjectConditioning, SubjectOptions, SubjectRecording
 from .loaders.injection import attach, detach
 from .loaders.pipeline import (
+    encode_customcontrast_subjects,
     load_customcontrast,
     record_customcontrast,
     register_pipeline_methods,
@@ -40,6 +41,7 @@ __all__ = [
     "SubjectTokens",
     "attach",
     "detach",
+    "encode_customcontrast_subjects",
     "load_adapter",
     "load_customcontrast",
     "record_customcontrast",

@@ -39,9 +39,12 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     r"""Attention processor of one cross-attention layer with a CustomContrast adapter.
 
     A subclass of diffusers' ``IPAdapterAttnProcessor2_0``, so diffusers treats it as an IP-Adapter processor
-    (``set_ip_adapter_scale`` sets ``scale``, ``unload_ip_adapter`` removes it, ``ip_adapter_masks`` reach it). Its
-    ``scale``, ``num_tokens``, ``to_k_ip`` and ``to_v_ip`` hold one entry per image adapter of the layer, as the
-    parent's do; CustomContrast's is entry ``entry_index``.
+    (``unload_ip_adapter`` removes it, ``ip_adapter_masks`` reach it). ``to_k_ip``, ``to_v_ip`` and ``num_tokens`` are
+    CustomContrast's own. Beside diffusers' IP-Adapters (loaded first: entries ``0 .. entry_index - 1`` of the call's
+    image embeddings), ``ip_adapter`` is the layer's own IP-Adapter processor, kept whole: this processor computes their
+    branches as it does, and ``scale``, what diffusers' ``set_ip_adapter_scale`` sets, is that processor's list, so
+    that each adapter's setter sets its own and unloading CustomContrast leaves them as last set. Alone, ``scale`` is
+    CustomContrast's own ``[subject_scale]`` (so ``set_ip_adapter_scale`` sets it).
 
     Args:
         layer: the adapter's modules for this layer (shared, not copied).
@@ -50,6 +53,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         scale: ``lambda_l``, weight of the visual branch (a float, or one float per subject image).
         s_plus_scale: ``beta_l``, multiplies the S+ tokens' attention weights (0 removes them).
         entry_index: position of the adapter's entry in the call's image embeddings (load order).
+        ip_adapter: the layer's processor of diffusers' IP-Adapters loaded before, if any.
     """
 
     def __init__(
@@ -60,26 +64,39 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         scale: LayerScale = 1.0,
         s_plus_scale: float = 1.0,
         entry_index: int = 0,
+        ip_adapter: IPAdapterAttnProcessor2_0 | None = None,
     ) -> None:
-        # The parent sets up its bookkeeping and a to_k_ip / to_v_ip pair of its own; built on the meta device (no
-        # memory, no initialisation), that pair is then replaced by the adapter's own, shared with the adapter.
-        with torch.device("meta"):
-            super().__init__(
-                hidden_size=layer.to_k_ip.out_features,
-                cross_attention_dim=layer.to_k_ip.in_features,
-                num_tokens=[num_s_plus_tokens],
-                scale=[scale],
-            )
+        # Not the parent's __init__: it builds projections of its own and sets `scale`, which here is a view (below).
+        nn.Module.__init__(self)
+        self.hidden_size = layer.to_k_ip.out_features
+        self.cross_attention_dim = layer.to_k_ip.in_features
+        self.num_tokens = [num_s_plus_tokens]
         self.to_k_ip = nn.ModuleList([layer.to_k_ip])
         self.to_v_ip = nn.ModuleList([layer.to_v_ip])
         self.location = layer.location
         self.location_gate = layer.location_gate
+        self.ip_adapter = ip_adapter
+        self._subject_scales = [scale]  # a list: diffusers' set_ip_adapter_scale assigns scale[i] in place
         self.s_plus_scale = s_plus_scale
         self.layer_index = layer_index
         self.entry_index = entry_index
         # The same index as a tensor: torch.compile guards on int attributes, so slicing with the int would make
         # diffusers' regional compilation (one graph for every transformer block) recompile for each layer.
         self.register_buffer("layer_index_tensor", torch.tensor([layer_index]), persistent=False)
+
+    @property
+    def subject_scale(self) -> LayerScale:
+        """CustomContrast's ``lambda_l`` on this layer (a float, or one per subject image)."""
+        return self._subject_scales[0]
+
+    @subject_scale.setter
+    def subject_scale(self, value: LayerScale) -> None:
+        self._subject_scales[0] = value
+
+    @property
+    def scale(self) -> list:
+        """What diffusers' ``set_ip_adapter_scale`` sets: the IP-Adapters' scales beside them, else ``[subject_scale]``."""
+        return self.ip_adapter.scale if self.ip_adapter is not None else self._subject_scales
 
     def __call__(
         self,
@@ -111,13 +128,17 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
             query = attn.norm_q(query)
 
         s_plus = s_plus_bias = visual = None
-        if conditioning is not None and encoder_hidden_states is not None:
+        if conditioning is not None and conditioning.active and encoder_hidden_states is not None:
             masks = ip_adapter_masks[self.entry_index] if ip_adapter_masks is not None else None
             s_plus, s_plus_bias, visual = self._subject_branches(attn, query, conditioning, masks)
 
         hidden_states = self._text_attention(
             attn, query, hidden_states, encoder_hidden_states, attention_mask, s_plus, s_plus_bias
         )
+        if conditioning is not None and self.ip_adapter is not None:
+            hidden_states = self._ip_adapter_attention(
+                attn, query, hidden_states, image_entries[: self.entry_index], ip_adapter_masks
+            )
         if visual is not None:
             hidden_states = hidden_states + visual
 
@@ -134,9 +155,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """This layer's S+ context ``[B, n Ns, D]``, its log-bias ``[B, 1, N, n Ns]`` and the gated visual branch
         ``[B, N, C]`` (each ``None`` when switched off)."""
-        scale, s_plus_scale = conditioning.layer_scales(
-            self.layer_index, self.scale[self.entry_index], self.s_plus_scale
-        )
+        scale, s_plus_scale = conditioning.layer_scales(self.layer_index, self.subject_scale, self.s_plus_scale)
         s_plus, visual_tokens = conditioning.layer_tokens(self.layer_index_tensor)
         batch, num_subjects, num_tokens = s_plus.shape[:3]
         num_visual_tokens = visual_tokens.shape[2]
@@ -148,7 +167,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         num_pixels = query.shape[2]
         logits = None
         if use_visual or masks is None:
-            key = self._split_subject_heads(self.to_k_ip[self.entry_index](visual_tokens.to(query.dtype)), attn.heads)
+            key = self._split_subject_heads(self.to_k_ip[0](visual_tokens.to(query.dtype)), attn.heads)
             logits = self._visual_logits(attn, query, key).unflatten(-1, (num_subjects, num_visual_tokens))
         if masks is not None:
             region = self._mask_regions(masks, batch, num_pixels).to(query.device)
@@ -165,15 +184,50 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
             # log(beta g): each S+ token's attention weight at a pixel times beta and the subject's presence there.
             s_plus_bias = torch.log(region * s_plus_scale).repeat_interleave(num_tokens, dim=-1)[:, None]
         if use_visual:
-            value = self._split_subject_heads(
-                self.to_v_ip[self.entry_index](visual_tokens.to(query.dtype)), attn.heads
-            )
+            value = self._split_subject_heads(self.to_v_ip[0](visual_tokens.to(query.dtype)), attn.heads)
             weights = region * torch.tensor(scales, dtype=region.dtype, device=region.device)  # lambda g, [B, N, n]
             # Gating the probabilities is gating each subject's output (the product is linear), in one product for
             # all subjects and without a pass over the [B, N, C] output per subject.
             probs = logits.softmax(dim=-1) * weights[:, None, :, :, None]
             visual = merge_heads(probs.flatten(-2).to(value.dtype) @ value).to(query.dtype)
         return s_plus_context, s_plus_bias, visual
+
+    def _ip_adapter_attention(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        hidden_states: torch.Tensor,
+        entries: list[torch.Tensor],
+        masks: list | None,
+    ) -> torch.Tensor:
+        """``hidden_states`` plus the branches of diffusers' IP-Adapters, computed as ``IPAdapterAttnProcessor2_0``
+        computes them (the same operations in the same order, so the same numbers)."""
+        ip = self.ip_adapter
+        masks = masks[: len(entries)] if masks is not None else [None] * len(entries)
+        for features, scale, to_k_ip, to_v_ip, mask in zip(entries, ip.scale, ip.to_k_ip, ip.to_v_ip, masks):
+            if all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0:
+                continue
+            if mask is None:
+                hidden_states = hidden_states + scale * self._image_attention(attn, query, features, to_k_ip, to_v_ip)
+                continue
+            scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
+            for index in range(mask.shape[1]):
+                output = self._image_attention(attn, query, features[:, index], to_k_ip, to_v_ip)
+                region = IPAdapterMaskProcessor.downsample(mask[:, index], *output.shape)
+                hidden_states = hidden_states + scales[index] * (
+                    output * region.to(dtype=query.dtype, device=query.device)
+                )
+        return hidden_states
+
+    @staticmethod
+    def _image_attention(
+        attn: Attention, query: torch.Tensor, features: torch.Tensor, to_k: nn.Module, to_v: nn.Module
+    ) -> torch.Tensor:
+        """``[B, N, C]`` attention of the pixels over one IP-Adapter's image tokens (``[B, (n,) T, D]``)."""
+        batch, heads = query.shape[0], attn.heads
+        key = to_k(features).reshape(batch, -1, heads, query.shape[-1]).transpose(1, 2)
+        value = to_v(features).reshape(batch, -1, heads, query.shape[-1]).transpose(1, 2)
+        return merge_heads(F.scaled_dot_product_attention(query, key, value)).to(query.dtype)
 
     @staticmethod
     def _split_subject_heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Friendlier pipeline arguments for CustomContrast, shared by the community pipelines in ``pipelines/``.
 
-``pipe(prompt, subject_image=..., subject_scale=..., subject_masks=..., return_location_maps=True)`` instead of
-``ip_adapter_image=`` and ``cross_attention_kwargs={"ip_adapter_masks": ...}``, with the timestep location maps of
-every step returned for inspection (like the paper's figure of location maps over the sampling steps).
+``pipe(prompt, subject_image=..., subject_scale=..., subject_start=..., subject_masks=..., return_location_maps=True)``
+instead of ``ip_adapter_image=`` and ``cross_attention_kwargs={"ip_adapter_masks": ...}``, with the timestep location
+maps of every step returned for inspection (like the paper's figure of location maps over the sampling steps).
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ def mean_location_map(step: StepRecord) -> torch.Tensor:
 
 
 class CustomContrastPipelineMixin:
-    """Adds ``subject_image``, ``subject_scale``, ``s_plus_scale``, ``subject_masks`` and ``return_location_maps``.
+    """Adds ``subject_image``, ``subject_scale``, ``s_plus_scale``, ``subject_start``, ``subject_end``,
+    ``subject_masks`` and ``return_location_maps``.
 
-    Mix it in before a diffusers pipeline class with ``IPAdapterMixin``. Scales given to a call apply to that call
-    only (they travel with its UNet calls; the pipeline's own scales are not touched, so threads sharing the
-    pipeline do not see them).
+    Mix it in before a diffusers pipeline class with ``IPAdapterMixin``. Scales and a step range given to a call apply
+    to that call only (they travel with its UNet calls; the pipeline's own are not touched, so threads sharing the
+    pipeline do not see them). ``subject_start`` / ``subject_end`` are fractions of the call's denoising steps, as
+    ``set_customcontrast_scale``'s ``start`` / ``end``; one left out is the pipeline's.
     """
 
     def __call__(
@@ -55,6 +57,8 @@ class CustomContrastPipelineMixin:
         subject_image: Image.Image | list[Image.Image] | None = None,
         subject_scale: injection.ScaleSpec | None = None,
         s_plus_scale: injection.ScaleSpec | None = None,
+        subject_start: float | None = None,
+        subject_end: float | None = None,
         subject_masks: list[Image.Image] | torch.Tensor | None = None,
         return_location_maps: bool = False,
         **kwargs,
@@ -66,8 +70,9 @@ class CustomContrastPipelineMixin:
         extra = {}
         if subject_masks is not None:
             extra["ip_adapter_masks"] = [self._subject_mask_tensor(subject_masks, kwargs)]
-        if subject_scale is not None or s_plus_scale is not None:
-            extra[OPTIONS_KEY] = injection.subject_options(self.unet, subject_scale, s_plus_scale)
+        per_call = (subject_scale, s_plus_scale, subject_start, subject_end)
+        if any(option is not None for option in per_call):
+            extra[OPTIONS_KEY] = injection.subject_options(self.unet, *per_call)
         if extra:
             kwargs["cross_attention_kwargs"] = {**(kwargs.get("cross_attention_kwargs") or {}), **extra}
 

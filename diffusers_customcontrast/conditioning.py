@@ -55,6 +55,8 @@ class SubjectOptions:
         scale: ``lambda_l`` of the visual branch, one value per cross-attention layer, overriding the adapter's
             (``set_customcontrast_scale``) for this call only; ``None`` keeps the adapter's.
         s_plus_scale: ``beta_l`` of the S+ tokens, the same way.
+        start, end: the step range of this call (fractions of its denoising steps, see
+            :mod:`~diffusers_customcontrast.step_range`), overriding the adapter's; ``None`` keeps the adapter's.
         image_context: the timestep-independent half of the encoding of the call's subject features
             (``adapter.encoder.encode_image`` of them, rows batch x subjects), computed once for a generation so
             that each step runs only the other half.
@@ -62,6 +64,8 @@ class SubjectOptions:
 
     scale: tuple[LayerScale, ...] | None = None
     s_plus_scale: tuple[float, ...] | None = None
+    start: float | None = None
+    end: float | None = None
     image_context: ImageContext | None = None
 
 
@@ -139,6 +143,8 @@ class SubjectConditioning:
         sample_size: the latent's ``(height, width)``, to lay location maps out as images.
         options: this call's :class:`SubjectOptions`.
         record: where this call's tokens and location maps go, if anywhere.
+        active: whether the subject acts in this call; ``False`` outside its step range, where the adapter does not
+            run and every layer computes what the base model computes.
     """
 
     image_embeds: torch.Tensor | None = None
@@ -148,6 +154,7 @@ class SubjectConditioning:
     sample_size: tuple[int, int] | None = None
     options: SubjectOptions | None = None
     record: StepRecord | None = None
+    active: bool = True
 
     def with_tokens(self, tokens: SubjectTokens) -> SubjectConditioning:
         """The same call with ``tokens`` computed."""

@@ -18,4 +18,4 @@ from diffusers_customcontrast.community import CustomContrastPipelineMixin
 
 
 class CustomContrastStableDiffusionPipeline(CustomContrastPipelineMixin, StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` taking ``subject_image=``, ``subject_scale=``, ``subject_masks=``."""
+    """``StableDiffusionPipeline`` taking ``subject_image=``, ``subject_scale=``, ``subject_start=``, ``subject_masks=``."""

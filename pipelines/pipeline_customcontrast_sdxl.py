@@ -17,4 +17,4 @@ from diffusers_customcontrast.community import CustomContrastPipelineMixin
 
 
 class CustomContrastStableDiffusionXLPipeline(CustomContrastPipelineMixin, StableDiffusionXLPipeline):
-    """``StableDiffusionXLPipeline`` taking ``subject_image=``, ``subject_scale=``, ``subject_masks=``."""
+    """``StableDiffusionXLPipeline`` taking ``subject_image=``, ``subject_scale=``, ``subject_start=``, ``subject_masks=``."""

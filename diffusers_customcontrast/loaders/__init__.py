@@ -3,6 +3,7 @@
 from .convert import adapter_from_ip_adapter, load_ip_adapter_attention
 from .injection import attach, detach
 from .pipeline import (
+    encode_customcontrast_subjects,
     load_customcontrast,
     record_customcontrast,
     register_pipeline_methods,
@@ -17,6 +18,7 @@ __all__ = [
     "adapter_from_ip_adapter",
     "attach",
     "detach",
+    "encode_customcontrast_subjects",
     "load_adapter",
     "load_customcontrast",
     "load_ip_adapter_attention",

@@ -15,6 +15,10 @@ Other calls replace attention processors wholesale (``enable_attention_slicing``
 whole (:func:`reconcile`): processors replaced while the projection is still ours are put back, with a warning; an
 adapter taken off by ``unload_ip_adapter`` (processors and projection gone) is unloaded fully; a projection replaced
 under our processors is an error. The UNet never runs with half an adapter.
+
+Beside diffusers' IP-Adapters, CustomContrast's projection and entry come after theirs and its processors compute
+their branches too (keeping their processors whole for detaching). diffusers' ``load_ip_adapter`` and, beside
+IP-Adapters, ``unload_ip_adapter`` run inside :func:`lifted` (the pipeline methods wrap them), so CustomContrast stays.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import inspect
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -38,6 +44,7 @@ from ..conditioning import OPTIONS_KEY, LayerScale, StepRecord, SubjectCondition
 from ..models.adapter import CustomContrastAdapter
 from ..models.image_projection import CustomContrastImageProjection, MultiSubjectImageProjection
 from ..models.unet_layout import attention_module
+from ..step_range import FULL_RANGE, check_step_range, in_step_range, step_position
 
 STATE_ATTRIBUTE = "_customcontrast"
 
@@ -59,6 +66,7 @@ class AttachedAdapter:
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the Attention module of each processor
     cleanups: list[Callable[[], None]] = field(default_factory=list)  # run by detach (e.g. input normalisation)
     entry_index: int = 0  # position of the adapter's projection in encoder_hid_proj and its entry in image_embeds
+    step_range: tuple[float, float] = FULL_RANGE  # (start, end): the steps the subject acts on, see step_range.py
 
 
 def attached(unet: nn.Module) -> AttachedAdapter | None:
@@ -72,29 +80,61 @@ def _owns_projection(unet: nn.Module, state: AttachedAdapter) -> bool:
     return isinstance(projection, MultiIPAdapterImageProjection) and any(p is state.projection for p in layers)
 
 
+def _ip_adapter_processors(
+    unet: nn.Module, projection: nn.Module | None, processors: Mapping[str, object], names: Sequence[str]
+) -> dict[str, IPAdapterAttnProcessor2_0] | None:
+    """The cross-attention processors of diffusers' IP-Adapters, if ``projection`` and ``processors`` are theirs."""
+    if type(projection) is not MultiIPAdapterImageProjection or unet.config.encoder_hid_dim_type != "ip_image_proj":
+        return None
+    count = len(projection.image_projection_layers)
+    found = {name: processors.get(name) for name in names}
+    if all(type(p) is IPAdapterAttnProcessor2_0 and len(p.scale) == count for p in found.values()):
+        return found
+    return None
+
+
 def check_can_attach(unet: nn.Module, adapter: CustomContrastAdapter) -> None:
-    """Raise a one-sentence ``ValueError`` if :func:`attach` would fail; changes nothing."""
+    """Raise a one-sentence ``ValueError`` if :func:`attach` would fail; changes nothing.
+
+    The UNet may carry diffusers' IP-Adapters (``pipe.load_ip_adapter``): CustomContrast then sits beside them.
+    """
     adapter.check_compatible(unet)
     state = attached(unet)
     owned = state is not None and _owns_projection(unet, state)
     other = state.original_encoder_hid_proj if owned else unet.encoder_hid_proj
-    if other is not None:
+    processors = state.original_processors if owned else unet.attn_processors
+    if other is not None and _ip_adapter_processors(unet, other, processors, adapter.config.layer_names) is None:
         raise ValueError(
-            f"The UNet already has an encoder_hid_proj ({type(other).__name__}, e.g. an IP-Adapter): "
-            "call pipe.unload_ip_adapter() before loading CustomContrast."
+            f"The UNet already has an encoder_hid_proj ({type(other).__name__}) that is not diffusers' IP-Adapter "
+            "(a MultiIPAdapterImageProjection with an IPAdapterAttnProcessor2_0 on every cross-attention layer), "
+            "so CustomContrast cannot sit beside it: call pipe.unload_ip_adapter() before loading CustomContrast."
         )
 
 
 def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) -> AttachedAdapter:
-    """Attach ``adapter`` to ``unet`` (replacing a CustomContrast adapter already there) and return the record."""
+    """Attach ``adapter`` to ``unet`` (replacing a CustomContrast adapter already there) and return the record.
+
+    Beside diffusers' IP-Adapters, CustomContrast's projection and image embeddings entry come after theirs (load
+    order), and its processors compute their branches too.
+    """
     check_can_attach(unet, adapter)
     detach(unet)
 
     projection = CustomContrastImageProjection(adapter.encoder)
     original_processors = dict(unet.attn_processors)
+    ip_processors = _ip_adapter_processors(
+        unet, unet.encoder_hid_proj, original_processors, adapter.config.layer_names
+    )
+    ip_projections = list(unet.encoder_hid_proj.image_projection_layers) if ip_processors else []
     processors = {
         name: CustomContrastAttnProcessor2_0(
-            layer, index, adapter.config.num_textual_tokens, scale=scale, s_plus_scale=adapter.config.s_plus_scale
+            layer,
+            index,
+            adapter.config.num_textual_tokens,
+            scale=scale,
+            s_plus_scale=adapter.config.s_plus_scale,
+            entry_index=len(ip_projections),
+            ip_adapter=ip_processors[name] if ip_processors else None,
         )
         for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True))
     }
@@ -111,11 +151,35 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
         hook=unet.register_forward_pre_hook(_before_unet_forward, with_kwargs=True),
         forward_parameters=tuple(inspect.signature(type(unet).forward).parameters)[1:],
         modules={name: attention_module(unet, name) for name in processors},
+        entry_index=len(ip_projections),
     )
-    unet.encoder_hid_proj = MultiSubjectImageProjection([projection])
+    unet.encoder_hid_proj = MultiSubjectImageProjection([*ip_projections, projection])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     setattr(unet, STATE_ATTRIBUTE, state)
     return state
+
+
+@contextmanager
+def lifted(unet: nn.Module) -> Iterator[None]:
+    """Take CustomContrast off ``unet`` for the block, then put it back on top of what the block left there (e.g.
+    diffusers' IP-Adapters, loaded or unloaded), with the same scales, step range and input handling."""
+    state = attached(unet)
+    settings = {name: (p.subject_scale, p.s_plus_scale) for name, p in state.processors.items()}
+    cleanups, state.cleanups = state.cleanups, []  # input normalisation and feature hooks stay installed
+    detach(unet)
+    try:
+        yield
+    finally:
+        try:
+            restored = attach(unet, state.adapter)
+        except Exception:
+            for cleanup in reversed(cleanups):
+                cleanup()
+            raise
+        for name, (scale, s_plus_scale) in settings.items():
+            restored.processors[name].subject_scale = scale
+            restored.processors[name].s_plus_scale = s_plus_scale
+        restored.step_range, restored.cleanups = state.step_range, cleanups
 
 
 def detach(unet: nn.Module) -> CustomContrastAdapter | None:
@@ -275,13 +339,26 @@ def _conditioning(
             opened.steps.append(record)
     if record is not None:
         record.timesteps = timesteps
+    options = options if options is not None else conditioning.options
+    step_range = _step_range(state, options)
     return dataclasses.replace(
         conditioning,
         timesteps=timesteps if conditioning.timesteps is None else conditioning.timesteps,
         sample_size=tuple(sample.shape[-2:]),
-        options=options if options is not None else conditioning.options,
+        options=options,
         record=record,
+        active=step_range == FULL_RANGE or in_step_range(step_position(unet, timestep), step_range),
     )
+
+
+def _step_range(state: AttachedAdapter, options: SubjectOptions | None) -> tuple[float, float]:
+    """The call's ``(start, end)``: its options' where given, else the adapter's."""
+    start, end = state.step_range
+    if options is not None and options.start is not None:
+        start = options.start
+    if options is not None and options.end is not None:
+        end = options.end
+    return check_step_range(start, end)
 
 
 def _can_read(tensor: torch.Tensor) -> bool:
@@ -327,7 +404,7 @@ def _checked_masks(
         got = f"{len(masks)} entries" if isinstance(masks, list) else f"a {type(masks).__name__}"
         raise ValueError(
             f"ip_adapter_masks must be a list with one mask tensor (or None) per loaded image adapter, in load order "
-            f"({num_adapters}: CustomContrast), got {got}."
+            f"({num_adapters}: {', '.join(['IP-Adapter'] * entry_index + ['CustomContrast'])}), got {got}."
         )
     mask = masks[entry_index]
     if mask is None:
@@ -439,14 +516,24 @@ def expand_scale(names: Sequence[str], scale: ScaleSpec, what: str) -> list[Laye
 
 
 def subject_options(
-    unet: nn.Module, scale: ScaleSpec | None = None, s_plus_scale: ScaleSpec | None = None
+    unet: nn.Module,
+    scale: ScaleSpec | None = None,
+    s_plus_scale: ScaleSpec | None = None,
+    start: float | None = None,
+    end: float | None = None,
 ) -> SubjectOptions:
-    """:class:`SubjectOptions` for one call, from the same specifications as :func:`set_scale`."""
-    names = _loaded(unet).adapter.config.layer_names
-    return SubjectOptions(
+    """:class:`SubjectOptions` for one call, from the same specifications as :func:`set_scale` (``None``: the
+    adapter's)."""
+    state = loaded(unet)
+    names = state.adapter.config.layer_names
+    options = SubjectOptions(
         scale=None if scale is None else tuple(expand_scale(names, scale, "scale")),
         s_plus_scale=None if s_plus_scale is None else tuple(_s_plus_scales(names, s_plus_scale)),
+        start=start,
+        end=end,
     )
+    _step_range(state, options)  # a bad range fails here, before the pipeline runs
+    return options
 
 
 def _s_plus_scales(names: Sequence[str], s_plus_scale: ScaleSpec) -> list[float]:
@@ -457,20 +544,30 @@ def _s_plus_scales(names: Sequence[str], s_plus_scale: ScaleSpec) -> list[float]
     return [float(v) for v in values]
 
 
-def _loaded(unet: nn.Module) -> AttachedAdapter:
+def loaded(unet: nn.Module) -> AttachedAdapter:
+    """The attached adapter (made whole, see :func:`reconcile`), or a one-sentence ``ValueError`` if none is."""
     state = reconcile(unet)
     if state is None:
         raise ValueError("No CustomContrast adapter is loaded: call load_customcontrast() first.")
     return state
 
 
-def set_scale(unet: nn.Module, scale: ScaleSpec | None = None, s_plus_scale: ScaleSpec | None = None) -> None:
-    """Set ``lambda_l`` (visual branch) and/or ``beta_l`` (S+ tokens) of every layer; ``None`` keeps a value."""
-    state = _loaded(unet)
+def set_scale(
+    unet: nn.Module,
+    scale: ScaleSpec | None = None,
+    s_plus_scale: ScaleSpec | None = None,
+    start: float = 0.0,
+    end: float = 1.0,
+) -> None:
+    """Set ``lambda_l`` (visual branch) and/or ``beta_l`` (S+ tokens) of every layer (``None`` keeps a value), and the
+    step range ``[start, end)`` the subject acts on."""
+    state = loaded(unet)
+    step_range = check_step_range(start, end)
     names = list(state.processors)
     if scale is not None:
         for name, value in zip(names, expand_scale(names, scale, "scale"), strict=True):
-            state.processors[name].scale = [value]
+            state.processors[name].subject_scale = value
     if s_plus_scale is not None:
         for name, value in zip(names, _s_plus_scales(names, s_plus_scale), strict=True):
             state.processors[name].s_plus_scale = value
+    state.step_range = step_range

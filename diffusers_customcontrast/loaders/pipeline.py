@@ -1,4 +1,5 @@
-"""The pipeline methods: ``load_customcontrast``, ``unload_customcontrast``, ``set_customcontrast_scale``.
+"""The pipeline methods: ``load_customcontrast``, ``unload_customcontrast``, ``set_customcontrast_scale``,
+``encode_customcontrast_subjects``.
 
 They work on any diffusers pipeline with ``IPAdapterMixin`` (SD1.5 and SDXL: txt2img, img2img, inpaint, ControlNet;
 the T2I-Adapter pipeline of SDXL, not SD1.5's ``StableDiffusionAdapterPipeline``, which has no IP-Adapter support):
@@ -11,9 +12,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -22,6 +24,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..conditioning import SubjectRecording, recording
 from ..models.adapter import CustomContrastAdapter, select_image_features
+from ..step_range import pipeline_call
 from . import injection, inputs
 from .serialization import AdapterLoadError, load_adapter, resolve_file
 
@@ -145,15 +148,91 @@ def set_customcontrast_scale(
     pipe: DiffusionPipeline,
     scale: injection.ScaleSpec | None = None,
     s_plus_scale: injection.ScaleSpec | None = None,
+    start: float = 0.0,
+    end: float = 1.0,
 ) -> None:
-    """Set how strongly the subject acts: the visual branch (``scale``) and the S+ tokens (``s_plus_scale``).
+    """Set how strongly the subject acts: the visual branch (``scale``) and the S+ tokens (``s_plus_scale``), and on
+    which denoising steps (``start``, ``end``).
 
-    Each takes a float (all layers), an InstantStyle-style per-block dict such as
+    Each scale takes a float (all layers), an InstantStyle-style per-block dict such as
     ``{"up": {"block_0": [0.0, 1.0, 0.0]}}`` (unnamed blocks get 0), or a list with one value per cross-attention
     layer. ``scale`` values may be per-subject lists when several subject images are given. ``None`` keeps the
     current value; 0 for both gives exactly the base pipeline.
+
+    The subject acts on the steps whose position in the schedule (``i / N`` for step ``i`` of the ``N`` steps a call
+    runs: img2img counts the steps its ``strength`` leaves, Heun's two UNet calls make one step) lies in
+    ``[start, end)``, with ``0 <= start < end <= 1``; the other steps are exactly the base model's. Each call sets the
+    range (the default is every step).
     """
-    injection.set_scale(pipe.unet, scale, s_plus_scale)
+    injection.set_scale(pipe.unet, scale, s_plus_scale, start, end)
+
+
+def encode_customcontrast_subjects(
+    pipe: DiffusionPipeline,
+    subjects: Sequence[Any],
+    combine: str = "concat",
+    num_images_per_prompt: int = 1,
+    do_classifier_free_guidance: bool = True,
+) -> list[torch.Tensor]:
+    """The image encoder's features of each subject, from one photo or several, as ``ip_adapter_image_embeds=`` takes
+    them.
+
+    Args:
+        pipe: a pipeline with a CustomContrast adapter loaded (its image encoder encodes the photos, as
+            ``ip_adapter_image=`` would be).
+        subjects: one entry per subject: an image, or a list of photos of that subject (a single image alone is one
+            subject). Several subjects are placed as ``ip_adapter_image=[[a, b]]`` places them.
+        combine: how several photos make one subject. ``"concat"``: the photos' patch features are concatenated, so
+            the adapter's Q-Former queries attend over the patches of all of them (every subject then needs the same
+            number of photos). ``"mean"``: the photos' features are averaged patch by patch.
+        num_images_per_prompt: rows per subject, as the pipeline's argument of that name.
+        do_classifier_free_guidance: also give the negative rows (the features of diffusers' blank image, one per
+            photo), first, as the pipeline expects when it guides (``guidance_scale > 1``).
+
+    Returns:
+        A list with CustomContrast's entry, ``[(2 x) num_images_per_prompt, num_subjects, tokens, width]``: pass it as
+        ``ip_adapter_image_embeds=``. Beside diffusers' IP-Adapters, put it at CustomContrast's place among their
+        entries (load order). With one photo per subject it is what the pipeline computes from
+        ``ip_adapter_image=``.
+    """
+    injection.loaded(pipe.unet)
+    if combine not in ("concat", "mean"):
+        raise ValueError(f"combine must be 'concat' or 'mean', got {combine!r}.")
+    if (
+        not isinstance(num_images_per_prompt, int)
+        or isinstance(num_images_per_prompt, bool)
+        or num_images_per_prompt < 1
+    ):
+        raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
+    groups = _photo_groups(subjects)
+    if combine == "concat" and len({len(group) for group in groups}) > 1:
+        raise ValueError(
+            "combine='concat' needs the same number of photos for every subject (their features are stacked), got "
+            f"{[len(group) for group in groups]}: give each subject as many photos, or use combine='mean'."
+        )
+    # One batch, as diffusers encodes ip_adapter_image=[[a, b]]: with one photo per subject, the same numbers.
+    photos, blanks = pipe.encode_image([photo for group in groups for photo in group], pipe._execution_device, 1, True)
+    sizes = [len(group) for group in groups]
+
+    def per_subject(features: torch.Tensor) -> torch.Tensor:
+        merged = [f.flatten(0, 1) if combine == "concat" else f.mean(dim=0) for f in features.split(sizes)]
+        return torch.stack(merged)[None].repeat(num_images_per_prompt, 1, 1, 1)
+
+    embeds = per_subject(photos)
+    return [torch.cat([per_subject(blanks), embeds]) if do_classifier_free_guidance else embeds]
+
+
+def _photo_groups(subjects: Any) -> list[list[Any]]:
+    """``subjects`` as one list of photos per subject."""
+    if not isinstance(subjects, (list, tuple)):
+        subjects = [subjects]
+    if not subjects:
+        raise ValueError("subjects is empty: give one entry per subject, each an image or a list of its photos.")
+    groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in subjects]
+    empty = [index for index, group in enumerate(groups) if not group]
+    if empty:
+        raise ValueError(f"Subject {empty[0]} has no photos: give each subject an image or a non-empty list of them.")
+    return groups
 
 
 @contextmanager
@@ -165,8 +244,7 @@ def record_customcontrast(pipe_or_unet: DiffusionPipeline | torch.nn.Module) -> 
     ``recording.location_maps`` and ``recording.tokens`` are the last call's. Other threads' calls are not recorded.
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if injection.reconcile(unet) is None:
-        raise ValueError("No CustomContrast adapter is loaded: call load_customcontrast() first.")
+    injection.loaded(unet)
     with recording(unet) as opened:
         yield opened
 
@@ -213,6 +291,19 @@ def _require_image_adapter(prepare: Callable) -> Callable:
     return prepare_ip_adapter_image_embeds
 
 
+def _counting_steps(call: Callable) -> Callable:
+    """A pipeline's ``__call__`` during which its UNet calls learn their denoising step (see
+    :mod:`~diffusers_customcontrast.step_range`)."""
+
+    @functools.wraps(call)
+    def __call__(self, *args, **kwargs):
+        with pipeline_call(self):
+            return call(self, *args, **kwargs)
+
+    __call__.counts_steps = True
+    return __call__
+
+
 def _guard_ip_adapter_route(cls: type) -> None:
     # diffusers' pipelines read unet.encoder_hid_proj.image_projection_layers without checking that an adapter is
     # loaded ("'NoneType' object has no attribute 'image_projection_layers'"; with precomputed embeddings they
@@ -220,6 +311,36 @@ def _guard_ip_adapter_route(cls: type) -> None:
     prepare = cls.__dict__.get("prepare_ip_adapter_image_embeds")
     if prepare is not None and not getattr(prepare, "requires_image_adapter", False):
         cls.prepare_ip_adapter_image_embeds = _require_image_adapter(prepare)
+    # The UNet's pre-hook sees only the UNet; the step range needs the pipeline's scheduler.
+    call = cls.__dict__.get("__call__")
+    if call is not None and not getattr(call, "counts_steps", False):
+        cls.__call__ = _counting_steps(call)
+
+
+def _beside_ip_adapters(method: Callable) -> Callable:
+    """diffusers' ``load_ip_adapter`` or ``unload_ip_adapter``, made to leave CustomContrast loaded.
+
+    diffusers' loading replaces every cross-attention processor and ``encoder_hid_proj``, and its unloading removes
+    every IP-Adapter processor (CustomContrast's are ones) and the image encoder. So the method runs on the UNet as it
+    is without CustomContrast, which is then put back on top of what it left (:func:`injection.lifted`), with the
+    image encoder and feature extractor it uses. Unloading with CustomContrast alone (no IP-Adapter beside it) keeps
+    diffusers' meaning, every image adapter off: CustomContrast is then unloaded in full at the next call.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        unet = getattr(self, "unet", None)
+        state = injection.attached(unet) if unet is not None else None
+        if state is None or (method.__name__ == "unload_ip_adapter" and state.entry_index == 0):
+            return method(self, *args, **kwargs)
+        kept = {name: getattr(self, name, None) for name in ("image_encoder", "feature_extractor")}
+        with injection.lifted(unet):
+            result = method(self, *args, **kwargs)
+            self.register_modules(**{name: module for name, module in kept.items() if getattr(self, name) is None})
+        return result
+
+    wrapper.keeps_customcontrast = True
+    return wrapper
 
 
 def _guard_subclasses(cls: type, **kwargs) -> None:
@@ -229,13 +350,20 @@ def _guard_subclasses(cls: type, **kwargs) -> None:
 
 def register_pipeline_methods() -> None:
     """Make the functions above methods of every ``DiffusionPipeline``, and give every IP-Adapter pipeline class
-    (imported now or later) a one-sentence error for a subject without an adapter (done on import)."""
+    (imported now or later) a one-sentence error for a subject without an adapter and a ``__call__`` whose UNet calls
+    know their denoising step, and make diffusers' ``load_ip_adapter`` / ``unload_ip_adapter`` leave CustomContrast
+    loaded (done on import)."""
     DiffusionPipeline.load_customcontrast = load_customcontrast
     DiffusionPipeline.unload_customcontrast = unload_customcontrast
     DiffusionPipeline.set_customcontrast_scale = set_customcontrast_scale
+    DiffusionPipeline.encode_customcontrast_subjects = encode_customcontrast_subjects
     pending = list(IPAdapterMixin.__subclasses__())
     while pending:
         cls = pending.pop()
         _guard_ip_adapter_route(cls)
         pending.extend(cls.__subclasses__())
     IPAdapterMixin.__init_subclass__ = classmethod(_guard_subclasses)
+    for name in ("load_ip_adapter", "unload_ip_adapter"):
+        method = getattr(IPAdapterMixin, name)
+        if not getattr(method, "keeps_customcontrast", False):
+            setattr(IPAdapterMixin, name, _beside_ip_adapters(method))

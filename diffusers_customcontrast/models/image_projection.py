@@ -24,7 +24,7 @@ class CustomContrastImageProjection(nn.Module):
         self.encoder = encoder
 
     def forward(self, conditioning: SubjectConditioning) -> SubjectConditioning:
-        if conditioning.tokens is not None:
+        if conditioning.tokens is not None or not conditioning.active:  # given, or outside the step range
             return conditioning
         features = conditioning.image_embeds.flatten(0, 1)  # rows: batch x subjects
         timesteps = conditioning.timesteps.repeat_interleave(conditioning.num_subjects)
@@ -35,8 +35,15 @@ class CustomContrastImageProjection(nn.Module):
 class MultiSubjectImageProjection(MultiIPAdapterImageProjection):
     """``unet.encoder_hid_proj`` while a CustomContrast adapter is loaded: diffusers' list of image projections (one
     per adapter, in load order; pipelines read it to encode ``ip_adapter_image``), each given its own entry of the
-    call's ``image_embeds`` as it stands, a :class:`~diffusers_customcontrast.conditioning.SubjectConditioning`.
+    call's ``image_embeds``: CustomContrast's as it stands, a :class:`~diffusers_customcontrast.conditioning.
+    SubjectConditioning`; a diffusers IP-Adapter's (``[batch, num_images, ...]``) as ``MultiIPAdapterImageProjection``
+    gives it, one image at a time.
     """
 
     def forward(self, image_embeds: list) -> list:
-        return [layer(embeds) for layer, embeds in zip(self.image_projection_layers, image_embeds, strict=True)]
+        return [
+            layer(embeds)
+            if isinstance(embeds, SubjectConditioning)
+            else layer(embeds.flatten(0, 1)).unflatten(0, embeds.shape[:2])
+            for layer, embeds in zip(self.image_projection_layers, image_embeds, strict=True)
+        ]

@@ -1,0 +1,246 @@
+"""The subject's step range (issue 14): ``set_customcontrast_scale(..., start=, end=)`` and the community pipelines'
+``subject_start=`` / ``subject_end=``, counted in the scheduler's steps (Heun's two calls a step, PNDM's doubled
+first step, img2img's strength), the base model's steps bit for bit outside the range."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
+
+import diffusers_customcontrast as dcc
+from diffusers_customcontrast.community import CustomContrastPipelineMixin
+from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_adapter, tiny_sd15_pipeline
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SUBJECT = make_subject_image(0)
+STEPS = 4
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+}
+# The step (0..STEPS-1) of each UNet call: Heun's steps call the UNet twice, its last one once; PNDM's first twice.
+CALL_STEPS = {
+    "ddim": [0, 1, 2, 3],
+    "euler": [0, 1, 2, 3],
+    "heun": [0, 0, 1, 1, 2, 2, 3],
+    "pndm": [0, 0, 1, 2, 3],
+    "dpm++": [0, 1, 2, 3],
+}
+
+
+def pipeline(scheduler: str = "ddim"):
+    pipe = tiny_sd15_pipeline()
+    # PNDM as SD1.5 ships it: PLMS only (skip_prk_steps), whose first step calls the UNet twice.
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config, skip_prk_steps=True)
+    return pipe
+
+
+def latents_after_each_call(pipe, image=None, **kwargs) -> list[torch.Tensor]:
+    """The latents after every UNet call, as ``callback_on_step_end`` sees them."""
+    seen = []
+
+    def keep(pipe, index, timestep, callback_kwargs):
+        seen.append(callback_kwargs["latents"].clone())
+        return callback_kwargs
+
+    call = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent")
+    if image is not None:
+        call.update(image=image, strength=0.5, num_inference_steps=2 * STEPS)
+    pipe(
+        "a toy",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["latents"],
+        **call,
+        **kwargs,
+    )
+    return seen
+
+
+def active_calls(pipe, **kwargs) -> list[bool]:
+    """Whether the adapter ran in each UNet call of one generation."""
+    with dcc.record_customcontrast(pipe) as recording:
+        latents_after_each_call(pipe, ip_adapter_image=SUBJECT, **kwargs)
+    return [step.tokens is not None for step in recording.steps]
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_start_half_way_keeps_the_base_models_first_half_bit_for_bit(scheduler):
+    pipe = pipeline(scheduler)
+    base = latents_after_each_call(pipe)
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    full = latents_after_each_call(pipe, ip_adapter_image=SUBJECT)
+    pipe.set_customcontrast_scale(1.0, start=0.5)
+    second_half = latents_after_each_call(pipe, ip_adapter_image=SUBJECT)
+
+    steps = CALL_STEPS[scheduler]
+    assert len(base) == len(second_half) == len(steps)
+    for call, step in enumerate(steps):
+        if step < STEPS // 2:
+            torch.testing.assert_close(second_half[call], base[call], rtol=0, atol=0)
+            assert not torch.equal(full[call], base[call])  # the subject acts on these steps when not held back
+        else:
+            assert not torch.equal(second_half[call], base[call])
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize(("start", "end"), [(0.5, 1.0), (0.0, 0.5), (0.25, 0.75)])
+def test_the_adapter_runs_on_the_steps_in_range_only(scheduler, start, end):
+    pipe = pipeline(scheduler)
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(1.0, start=start, end=end)
+    expected = [start <= step / STEPS < end for step in CALL_STEPS[scheduler]]
+    assert active_calls(pipe) == expected
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "heun"])
+def test_img2img_counts_the_steps_its_strength_leaves(scheduler):
+    pipe = pipeline(scheduler)
+    image = make_subject_image(3)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    base = latents_after_each_call(img2img, image=image)
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    img2img.set_customcontrast_scale(1.0, start=0.5)  # from_pipe shares the adapter
+    with dcc.record_customcontrast(img2img) as recording:
+        held_back = latents_after_each_call(img2img, image=image, ip_adapter_image=SUBJECT)
+    # strength 0.5 of 2 * STEPS steps: STEPS steps run, the range counts them from 0.
+    steps = CALL_STEPS[scheduler]
+    assert [step.tokens is not None for step in recording.steps] == [step >= STEPS // 2 for step in steps]
+    for call, step in enumerate(steps):
+        if step < STEPS // 2:
+            torch.testing.assert_close(held_back[call], base[call], rtol=0, atol=0)
+        else:
+            assert not torch.equal(held_back[call], base[call])
+
+
+def test_a_callback_that_changes_the_range_acts_from_the_next_step():
+    pipe = pipeline("euler")
+    pipe.load_customcontrast(tiny_adapter(pipe))
+
+    def stop_after_the_first_step(pipe, index, timestep, callback_kwargs):
+        if index == 0:
+            pipe.set_customcontrast_scale(1.0, start=0.0, end=0.25)
+        return callback_kwargs
+
+    with dcc.record_customcontrast(pipe) as recording:
+        pipe("a toy", ip_adapter_image=SUBJECT, num_inference_steps=STEPS, height=64, width=64, output_type="latent",
+             callback_on_step_end=stop_after_the_first_step)  # fmt: skip
+    assert [step.tokens is not None for step in recording.steps] == [True, False, False, False]
+
+
+def test_threads_with_their_own_schedulers_count_their_own_steps():
+    import threading
+
+    pipe = pipeline("ddim")
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(1.0, start=0.5)
+    heun = type(pipe).from_pipe(pipe, scheduler=HeunDiscreteScheduler.from_config(pipe.scheduler.config))
+    heun.set_progress_bar_config(disable=True)
+    expected = {"ddim": active_calls(pipe), "heun": active_calls(heun)}
+    results, errors = {}, []
+
+    def run(name, target):
+        try:
+            for _ in range(3):
+                results.setdefault(name, []).append(active_calls(target))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=item) for item in (("ddim", pipe), ("heun", heun))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert results == {name: [pattern] * 3 for name, pattern in expected.items()}
+    assert expected["heun"] == [step >= STEPS // 2 for step in CALL_STEPS["heun"]]
+
+
+def test_a_unet_called_outside_a_pipeline_has_no_steps_and_the_subject_acts():
+    pipe = pipeline()
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(1.0, start=0.5)
+    embeds = pipe.prepare_ip_adapter_image_embeds(SUBJECT, None, "cpu", 1, False)
+    inputs = dict(
+        sample=torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
+        timestep=torch.tensor(999),
+        encoder_hidden_states=torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)),
+    )
+    with torch.no_grad(), dcc.record_customcontrast(pipe) as recording:
+        pipe.unet(**inputs, added_cond_kwargs={"image_embeds": embeds})
+    assert recording.steps[0].tokens is not None
+
+
+@pytest.mark.parametrize(
+    ("start", "end"), [(0.5, 0.5), (0.6, 0.4), (-0.1, 1.0), (0.0, 1.5), ("0", 1.0), (None, 1.0), (True, 1.0)]
+)
+def test_bad_ranges_are_refused_in_one_sentence(start, end):
+    pipe = pipeline()
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    with pytest.raises(ValueError, match=r"^The subject's step range must be two numbers with 0 <= start < end <= 1"):
+        pipe.set_customcontrast_scale(1.0, start=start, end=end)
+    assert dcc.loaders.injection.attached(pipe.unet).step_range == (0.0, 1.0)  # left as it was
+    if start is None:
+        return  # in a call's options, None means "the pipeline's"
+    with pytest.raises(ValueError, match="step range"):
+        pipe("a toy", ip_adapter_image=SUBJECT, num_inference_steps=2, height=64, width=64,
+             cross_attention_kwargs={"customcontrast": dcc.SubjectOptions(start=start, end=end)})  # fmt: skip
+
+
+class CommunityPipeline(CustomContrastPipelineMixin, type(tiny_sd15_pipeline())):
+    pass
+
+
+def test_community_pipeline_takes_a_range_per_call():
+    pipe = CommunityPipeline.from_pipe(tiny_sd15_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(1.0, start=0.25, end=0.75)
+    call = dict(num_inference_steps=STEPS, height=64, width=64, output_type="np", return_location_maps=True)
+
+    def run(**kwargs):
+        out = pipe("a toy", subject_image=SUBJECT, generator=torch.Generator().manual_seed(0), **call, **kwargs)
+        return out.images, len(out.location_maps)
+
+    (pipeline_range, maps), (late, late_maps) = run(), run(subject_start=0.5)
+    assert maps == 2 and late_maps == 1  # steps 1 and 2; step 2 only (the pipeline's end, 0.75, still holds)
+    (all_steps, all_maps), (again, _) = run(subject_start=0.0, subject_end=1.0), run()
+    assert all_maps == STEPS
+    np.testing.assert_array_equal(again, pipeline_range)  # a call's range leaves the pipeline's alone
+    assert not np.array_equal(late, pipeline_range) and not np.array_equal(all_steps, pipeline_range)
+    with pytest.raises(ValueError, match="step range"):
+        run(subject_start=0.9, subject_end=0.1)
+
+
+def test_example_script(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # the script imports _common from its own folder
+    from test_examples import SAMPLING, model_args, pixels, save_sd_models
+
+    models = save_sd_models(tmp_path / "models", tiny_sd15_pipeline)
+    SUBJECT.save(tmp_path / "subject.png")
+    main = runpy.run_path(str(EXAMPLES / "step_range.py"))["main"]
+    paths = main(
+        [*model_args(models), "--subject", str(tmp_path / "subject.png"), *SAMPLING, "--prompt", "a toy",
+         "--range", "0:1", "0.5:1", "0:0.5", "--output", str(tmp_path / "out")]
+    )  # fmt: skip
+    images = {path.name.split("_")[0]: pixels(path) for path in paths}
+    assert sorted(images) == ["range0-0.5", "range0-1", "range0.5-1"]
+    assert len({image.tobytes() for image in images.values()}) == 3  # each range gives another image
+    with pytest.raises(SystemExit):
+        main([*model_args(models), "--subject", str(tmp_path / "subject.png"), "--range", "half"])

@@ -78,19 +78,17 @@ def test_scale_strip_runs_from_the_base_model_to_the_request(subject_image):
     assert not np.array_equal(np.asarray(strip[1][0]), np.asarray(result.image))
 
 
-def test_several_photos_of_one_subject(subject_image, subject_image_b):
+def test_several_photos_of_one_subject_are_encoded_together(subject_image, subject_image_b):
     studio = tiny_studio()
-    one = studio.generate([subject_image], REQUEST)
-    several = studio.generate([subject_image, subject_image_b], REQUEST)
-    if hasattr(studio.pipe, "encode_customcontrast_subjects"):
-        assert several.notes == []
-        assert not np.array_equal(np.asarray(several.image), np.asarray(one.image))
-    else:
-        assert several.notes == [
-            "Used the first of the 2 photos: several photos of one subject need pipe.encode_customcontrast_subjects, "
-            "which this version of the plugin does not have."
-        ]
-        np.testing.assert_array_equal(np.asarray(several.image), np.asarray(one.image))
+    photos = [subject_image, subject_image_b]
+    embeds = studio.pipe.encode_customcontrast_subjects([photos], combine="concat")
+    studio.pipe.set_customcontrast_scale(REQUEST.scale, s_plus_scale=REQUEST.s_plus_scale)
+    expected = pipeline_image(studio.pipe, REQUEST, ip_adapter_image_embeds=embeds)
+
+    several = studio.generate(photos, REQUEST)
+    np.testing.assert_array_equal(np.asarray(several.image), expected)
+    assert several.notes == []
+    assert not np.array_equal(np.asarray(several.image), np.asarray(studio.generate(photos[:1], REQUEST).image))
 
 
 def test_location_strip_averages_layers_of_the_prompt_row():

@@ -90,7 +90,7 @@ class Generation:
         base_image: the base model's image for the same prompt and seed (both scales 0).
         location_maps: the subject's timestep location maps over the steps, each with its caption: the mean over
             the cross-attention layers, white where the subject acts.
-        notes: what the page should tell the user about this generation (e.g. a photo that was not used).
+        notes: what the page should tell the user about this generation.
     """
 
     image: Image.Image
@@ -127,17 +127,18 @@ class SubjectStudio:
         """The subject in the prompted scene, the base model's image for the same seed, and the location maps.
 
         Args:
-            subjects: photos of one subject (several photos need ``pipe.encode_customcontrast_subjects``; without
-                it the first is used, and :attr:`Generation.notes` says so).
+            subjects: photos of one subject; several are encoded together (``pipe.encode_customcontrast_subjects``
+                with ``combine="concat"``: the Q-Formers' queries attend over the patches of all of them).
             request: the prompt, scales, seed and steps.
             progress: told how far the two generations have got after every step.
         """
-        condition, notes = self._condition(subjects, request)
+        condition = self._condition(subjects, request)
         tracker = _Progress(progress, total_steps=2 * request.num_inference_steps)
         with record_customcontrast(self.pipe) as recording:
             image = self._call(condition, request, request.scale, request.s_plus_scale, tracker, "with the subject")
         base_image = self._call(condition, request, 0.0, 0.0, tracker, "base model")
         maps = location_strip(recording.steps, image.size)
+        notes = []
         if not maps:
             notes.append("This adapter computed no location maps (it was configured without them).")
         return Generation(image, base_image, maps, notes)
@@ -153,7 +154,7 @@ class SubjectStudio:
 
         Returns one ``(image, caption)`` per factor; factor 0 is the base model, factor 1 the request itself.
         """
-        condition, _ = self._condition(subjects, request)
+        condition = self._condition(subjects, request)
         tracker = _Progress(progress, total_steps=len(factors) * request.num_inference_steps)
         strip = []
         for factor in factors:
@@ -162,18 +163,11 @@ class SubjectStudio:
             strip.append((self._call(condition, request, scale, s_plus_scale, tracker, caption), caption))
         return strip
 
-    def _condition(self, subjects: Sequence[Image.Image], request: GenerationRequest) -> tuple[dict, list[str]]:
-        """The pipeline arguments that carry the subject, and a note when a photo had to be left out."""
+    def _condition(self, subjects: Sequence[Image.Image], request: GenerationRequest) -> dict:
+        """The pipeline arguments that carry the subject (several photos: encoded together, ``combine="concat"``)."""
         if not subjects:
             raise ValueError("expected at least one photo of the subject, got none")
-        notes = []
-        if len(subjects) > 1 and not hasattr(self.pipe, "encode_customcontrast_subjects"):
-            notes.append(
-                f"Used the first of the {len(subjects)} photos: several photos of one subject need "
-                "pipe.encode_customcontrast_subjects, which this version of the plugin does not have."
-            )
-            subjects = subjects[:1]
-        return subject_condition(self.pipe, subjects, request.guidance_scale), notes
+        return subject_condition(self.pipe, subjects, request.guidance_scale)
 
     def _call(
         self,

@@ -1,6 +1,7 @@
 # The two quickstart commands, on a fresh machine with only Python 3 and the package registries:
 #   make demo   the offline demo on the synthetic world (README)
 #   make test   the test-suite (what CI runs)
+#   make app    the web app on http://127.0.0.1:7860 (docs/app.md)
 # Both create and then reuse a local virtualenv with the pinned, tested versions (constraints.txt).
 
 PYTHON ?= python3
@@ -8,13 +9,16 @@ VENV ?= .venv
 PIP := $(VENV)/bin/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test app lint clean-venv
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m diffusers_customcontrast.demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+app: $(STAMP)
+	$(VENV)/bin/python -m diffusers_customcontrast.app
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

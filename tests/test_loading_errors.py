@@ -219,3 +219,22 @@ def test_convert_command_line(sd15_pipe, tmp_path):
     sd15_pipe.load_customcontrast(str(output))
     layer = sd15_pipe.unet.attn_processors[dcc.load_adapter(output).config.layer_names[0]]
     assert torch.equal(layer.to_k_ip[0].weight, torch.ones_like(layer.to_k_ip[0].weight))
+
+
+@pytest.mark.parametrize(
+    ("module", "option"),
+    [
+        ("diffusers_customcontrast.loaders.convert", "--ip_adapter"),
+        ("diffusers_customcontrast.world.demo", "--pretrained"),
+    ],
+)
+def test_command_line_help_names_the_command_and_its_defaults(module, option, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main(["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    command = module.rsplit(".", 1)[-1]
+    assert text.startswith(f"usage: python -m diffusers_customcontrast.{command} ")
+    assert option in text and "(default:" in text and "``" not in text

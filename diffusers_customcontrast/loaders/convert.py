@@ -281,23 +281,51 @@ def _family_of_width(width: int) -> str:
     )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the example kept as written."""
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Command line: write a converted adapter folder."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base_model", required=True, help="hub id or folder of the base pipeline (its unet/)")
-    parser.add_argument(
-        "--ip_adapter", required=True, help="IP-Adapter checkpoint file, or repo/folder with --weight_name"
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusers_customcontrast.convert",
+        description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", ""),
+        epilog="example (IP-Adapter-Plus for SD1.5 from h94/IP-Adapter):\n"
+        "  python -m diffusers_customcontrast.convert --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \\\n"
+        "      --ip_adapter h94/IP-Adapter --subfolder models --weight_name ip-adapter-plus_sd15.safetensors \\\n"
+        "      --image_encoder h94/IP-Adapter --output_dir customcontrast-from-plus",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--weight_name", default=None)
-    parser.add_argument("--subfolder", default=None, help="subfolder of the IP-Adapter checkpoint in its repo")
-    parser.add_argument("--image_encoder", default=None, help="hub id or folder of the CLIP image encoder")
-    parser.add_argument("--image_encoder_subfolder", default="models/image_encoder")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--adapter_config", default="{}", help="JSON of CustomContrastAdapter options")
-    parser.add_argument("--local_files_only", action="store_true")
+    parser.add_argument(
+        "--base_model", required=True, help="hub id or folder of the base pipeline (its unet/ is read)"
+    )
+    parser.add_argument(
+        "--ip_adapter",
+        required=True,
+        help="the IP-Adapter checkpoint: a .bin / .safetensors file, or a hub repository or folder with --weight_name",
+    )
+    parser.add_argument("--weight_name", default=None, help="file name of the checkpoint inside --ip_adapter")
+    parser.add_argument(
+        "--subfolder", default=None, help="folder of the checkpoint inside --ip_adapter (hub: 'models')"
+    )
+    parser.add_argument(
+        "--image_encoder",
+        default=None,
+        help="hub id or folder of the CLIP image encoder the checkpoint was trained with; saved beside the adapter",
+    )
+    parser.add_argument(
+        "--image_encoder_subfolder", default="models/image_encoder", help="folder of the encoder in --image_encoder"
+    )
+    parser.add_argument("--output_dir", required=True, help="where the converted adapter folder is written")
+    parser.add_argument(
+        "--adapter_config",
+        default="{}",
+        help="JSON object of further CustomContrastAdapterConfig options (shapes come from the checkpoint)",
+    )
+    parser.add_argument("--local_files_only", action="store_true", help="use only local files and the hub cache")
     args = parser.parse_args(argv)
 
     hub = {"local_files_only": args.local_files_only}

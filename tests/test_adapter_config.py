@@ -166,3 +166,13 @@ def test_convert_command_line_checks_the_adapter_options(tmp_path, sd15_pipe):
             ["--base_model", str(tmp_path / "base"), "--ip_adapter", str(tmp_path / "none.bin"),
              "--output_dir", str(tmp_path / "out"), "--adapter_config", json.dumps({"hiden_size": 32})]
         )  # fmt: skip
+
+
+def test_the_loaded_adapter_prints_as_one_line(sd15_pipe):
+    """load_customcontrast returns the adapter, which a notebook prints: one line, not the module tree."""
+    adapter = sd15_pipe.load_customcontrast(tiny_adapter(sd15_pipe))
+    text = repr(adapter)
+    parameters = sum(p.numel() for p in adapter.parameters()) / 1e6
+    assert "\n" not in text and text.startswith(f"CustomContrastAdapter({parameters:.2f}M parameters, ")
+    assert f"{len(adapter.config.layer_names)} cross-attention layers" in text
+    sd15_pipe.unload_customcontrast()

@@ -114,6 +114,17 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
             layer.to_k_ip.weight.copy_(getattr(attn.to_k, "base_layer", attn.to_k).weight)
             layer.to_v_ip.weight.copy_(getattr(attn.to_v, "base_layer", attn.to_v).weight)
 
+    def __repr__(self) -> str:
+        # One line, not the module tree: load_customcontrast returns the adapter, and a notebook prints what a cell
+        # returns. print(adapter.encoder) / adapter.layers show the modules.
+        config = self.adapter_config
+        parameters = sum(p.numel() for p in self.parameters()) / 1e6
+        return (
+            f"CustomContrastAdapter({parameters:.2f}M parameters, {self.num_layers} cross-attention layers, "
+            f"{config.num_visual_tokens} visual and {config.num_textual_tokens} S+ tokens per layer, image features "
+            f"of width {config.image_embed_dim})"
+        )
+
     def check_compatible(self, unet: nn.Module, image_encoder: nn.Module | None = None) -> None:
         """Raise a one-sentence ``ValueError`` if this adapter does not fit ``unet`` or ``image_encoder``."""
         expected, actual = self.layout, cross_attention_layout(unet)

@@ -218,6 +218,14 @@ def test_demo_trains_generates_and_reports(tmp_path: Path):
     assert Image.open(report / "grid.png").size[0] > 64 * 3
 
 
+def test_demo_pretrained_without_an_adapter_folder_says_so_before_any_work(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        demo_module.main(["--pretrained", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "--pretrained expects an adapter folder holding config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, monkeypatch):
     results = benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "self_reconstruction,full"])
     assert results["seeds"] == 2 and set(results["runs"]) == {"self_reconstruction", "full"}

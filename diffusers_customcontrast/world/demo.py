@@ -146,6 +146,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on shared cores)")
     parser.add_argument("--smoke", action="store_true", help="a tiny world and a few steps (checks the plumbing)")
     args = parser.parse_args(argv)
+    if args.pretrained is not None and not (Path(args.pretrained) / "config.json").is_file():
+        if Path(args.pretrained) == WORLD_ADAPTER_DIR:
+            parser.error(
+                f"no trained world adapter ships in this checkout ({WORLD_ADAPTER_DIR} is missing): run the demo "
+                "without --pretrained to train one, or pass --pretrained <adapter folder>"
+            )
+        parser.error(f"--pretrained expects an adapter folder holding config.json, got '{args.pretrained}'")
     if args.smoke:
         args.max_train_steps, args.eval_subjects, args.scenes_per_subject = 2, 2, 2
         args.num_inference_steps = 2

@@ -231,7 +231,7 @@ def macl_loss(
     appearance_similarity: Tensor | None = None,
     temperature: float = 0.1,
     appearance_temperature: float = 0.05,
-    appearance_scaling: str = "soft_targets",
+    appearance_scaling: str = "similarity",
 ) -> Tensor:
     """Multiscale Appearance Contrastive Learning (``L_MACL``) in the S+ space.
 

@@ -219,7 +219,7 @@ def test_macl_hand_value_with_soft_targets():
     # Targets with tau_a = 0.5: (1, e^{(0.5 - 1) / 0.5}) normalised -> mass q = e^-1 / (1 + e^-1) on the negative.
     # CE = log(1 + e^-1) + q, the same in both directions.
     q = math.exp(-1) / (1 + math.exp(-1))
-    loss = macl_loss(eye, eye, similarity, temperature=1.0, appearance_temperature=0.5)
+    loss = macl_loss(eye, eye, similarity, 1.0, appearance_temperature=0.5, appearance_scaling="soft_targets")
     torch.testing.assert_close(loss, torch.tensor(log1pexp(-1.0) + q))
     # Plain InfoNCE: log(1 + e^-1).
     torch.testing.assert_close(macl_loss(eye, eye, temperature=1.0), torch.tensor(log1pexp(-1.0)))
@@ -237,7 +237,9 @@ def test_macl_without_appearance_scaling_is_per_layer_infonce():
     expected = torch.stack(expected).mean()
 
     for similarity, tau_a in ((None, 0.05), (SIMILARITY, 0.0), (SIMILARITY, 1e-6)):
-        loss = macl_loss(reference, positive, similarity, temperature=0.1, appearance_temperature=tau_a)
+        loss = macl_loss(
+            reference, positive, similarity, 0.1, appearance_temperature=tau_a, appearance_scaling="soft_targets"
+        )
         torch.testing.assert_close(loss, expected)
 
     loss.backward()
@@ -251,7 +253,14 @@ def test_macl_penalises_a_similar_looking_negative_less():
     def loss_with_subject0_drifting_to(negative: int, similarity):
         reference = torch.eye(3)
         reference[0, negative] = 0.5
-        return macl_loss(reference.unsqueeze(1), positive, similarity, temperature=0.1, appearance_temperature=0.2)
+        return macl_loss(
+            reference.unsqueeze(1),
+            positive,
+            similarity,
+            0.1,
+            appearance_temperature=0.2,
+            appearance_scaling="soft_targets",
+        )
 
     # Drifting towards subject 1 (looks like subject 0) costs less than towards subject 2 (looks different).
     assert loss_with_subject0_drifting_to(1, similarity) < loss_with_subject0_drifting_to(2, similarity)
@@ -265,7 +274,7 @@ def test_macl_negative_with_the_reference_appearance_in_soft_targets_mode():
     # S = 1 off the diagonal: z = (1, 1), so the targets are (1/2, 1/2) whatever tau_a.
     # log_softmax of a row of I = (-log(1 + e^-1), -1 - log(1 + e^-1)) -> CE = log(1 + e^-1) + 1/2 both ways.
     for tau_a in (0.05, 1.0):
-        loss = macl_loss(eye, eye, identical, temperature=1.0, appearance_temperature=tau_a)
+        loss = macl_loss(eye, eye, identical, 1.0, appearance_temperature=tau_a, appearance_scaling="soft_targets")
         torch.testing.assert_close(loss, torch.tensor(log1pexp(-1.0) + 0.5))
     # S = all ones leaves no contrast in this mode: the targets are uniform over the batch.
     torch.testing.assert_close(appearance_targets(torch.ones(3, 3), 0.05), torch.full((3, 3), 1 / 3))
@@ -458,7 +467,7 @@ def test_objective_passes_the_appearance_scaling_and_gradients_reach_the_s_plus_
 
 
 def test_macl_appearance_scaling_config_field_round_trips_and_rejects_bad_values(tmp_path):
-    assert TrainingConfig().macl_appearance_scaling == "soft_targets"
+    assert TrainingConfig().macl_appearance_scaling == "similarity"
     config = TrainingConfig.from_dict({**REQUIRED, "macl_appearance_scaling": "similarity"}).validate()
     assert ObjectiveSettings.from_config(config).macl_appearance_scaling == "similarity"
     path = tmp_path / "run.yaml"

@@ -185,10 +185,10 @@ def test_ablations_switch_the_papers_terms(tmp_path: Path):
         "cross_frame+macl": (False, False, True, False),
         "cross_frame+location": (False, False, False, True),
         "full": (False, True, True, True),
-        "full (MACL: similarity)": (False, True, True, True),
+        "full (MACL: soft targets)": (False, True, True, True),
     }
-    assert configs["full (MACL: similarity)"].macl_appearance_scaling == "similarity"
-    assert configs["full"].macl_appearance_scaling == "soft_targets"
+    assert configs["full (MACL: soft targets)"].macl_appearance_scaling == "soft_targets"
+    assert configs["full"].macl_appearance_scaling == "similarity"
     assert len({(c.max_train_steps, c.learning_rate, c.train_batch_size, c.seed) for c in configs.values()}) == 1
 
 

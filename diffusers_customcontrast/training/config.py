@@ -150,7 +150,7 @@ class TrainingConfig:
         0.05, "Temperature tau_a of MACL's soft targets (macl_appearance_scaling 'soft_targets'; 0: plain InfoNCE)."
     )
     macl_appearance_scaling: str = _f(
-        "soft_targets",
+        "similarity",
         "How L_MACL uses the appearance similarity S of the segmented references (docs/method.md): 'similarity' "
         "multiplies each negative's cosine by S (the paper's reading), 'soft_targets' takes softmax([1, S...] / "
         "tau_a) as targets, 'none' is plain InfoNCE.",

@@ -51,7 +51,7 @@ class ObjectiveSettings:
     use_location: bool = True
     macl_temperature: float = 0.1
     appearance_temperature: float = 0.05
-    macl_appearance_scaling: str = "soft_targets"
+    macl_appearance_scaling: str = "similarity"
     cscl_init_logit_scale: float = math.log(1 / 0.07)
     snr_gamma: float | None = None
 

@@ -224,9 +224,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         attn: Attention, query: torch.Tensor, features: torch.Tensor, to_k: nn.Module, to_v: nn.Module
     ) -> torch.Tensor:
         """``[B, N, C]`` attention of the pixels over one IP-Adapter's image tokens (``[B, (n,) T, D]``)."""
-        batch, heads = query.shape[0], attn.heads
-        key = to_k(features).reshape(batch, -1, heads, query.shape[-1]).transpose(1, 2)
-        value = to_v(features).reshape(batch, -1, heads, query.shape[-1]).transpose(1, 2)
+        key, value = (split_heads(project(features).flatten(1, -2), attn.heads) for project in (to_k, to_v))
         return merge_heads(F.scaled_dot_product_attention(query, key, value)).to(query.dtype)
 
     @staticmethod

@@ -287,7 +287,6 @@ def _require_image_adapter(prepare: Callable) -> Callable:
             )
         return prepare(self, *args, **kwargs)
 
-    prepare_ip_adapter_image_embeds.requires_image_adapter = True
     return prepare_ip_adapter_image_embeds
 
 
@@ -300,21 +299,27 @@ def _counting_steps(call: Callable) -> Callable:
         with pipeline_call(self):
             return call(self, *args, **kwargs)
 
-    __call__.counts_steps = True
     return __call__
+
+
+def _wrap_once(cls: type, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace the method ``name`` that ``cls`` itself defines by ``wrap(method)``, unless it is wrapped already
+    (importing the package twice, or a subclass that inherits a wrapped method, must not wrap again)."""
+    method = cls.__dict__.get(name)
+    if method is None or getattr(method, "_customcontrast_wrapped", False):
+        return
+    wrapped = wrap(method)
+    wrapped._customcontrast_wrapped = True
+    setattr(cls, name, wrapped)
 
 
 def _guard_ip_adapter_route(cls: type) -> None:
     # diffusers' pipelines read unet.encoder_hid_proj.image_projection_layers without checking that an adapter is
     # loaded ("'NoneType' object has no attribute 'image_projection_layers'"; with precomputed embeddings they
     # silently generate without the subject), and no hook runs before: the check goes on the method itself.
-    prepare = cls.__dict__.get("prepare_ip_adapter_image_embeds")
-    if prepare is not None and not getattr(prepare, "requires_image_adapter", False):
-        cls.prepare_ip_adapter_image_embeds = _require_image_adapter(prepare)
+    _wrap_once(cls, "prepare_ip_adapter_image_embeds", _require_image_adapter)
     # The UNet's pre-hook sees only the UNet; the step range needs the pipeline's scheduler.
-    call = cls.__dict__.get("__call__")
-    if call is not None and not getattr(call, "counts_steps", False):
-        cls.__call__ = _counting_steps(call)
+    _wrap_once(cls, "__call__", _counting_steps)
 
 
 def _beside_ip_adapters(method: Callable) -> Callable:
@@ -339,7 +344,6 @@ def _beside_ip_adapters(method: Callable) -> Callable:
             self.register_modules(**{name: module for name, module in kept.items() if getattr(self, name) is None})
         return result
 
-    wrapper.keeps_customcontrast = True
     return wrapper
 
 
@@ -364,6 +368,4 @@ def register_pipeline_methods() -> None:
         pending.extend(cls.__subclasses__())
     IPAdapterMixin.__init_subclass__ = classmethod(_guard_subclasses)
     for name in ("load_ip_adapter", "unload_ip_adapter"):
-        method = getattr(IPAdapterMixin, name)
-        if not getattr(method, "keeps_customcontrast", False):
-            setattr(IPAdapterMixin, name, _beside_ip_adapters(method))
+        _wrap_once(IPAdapterMixin, name, _beside_ip_adapters)

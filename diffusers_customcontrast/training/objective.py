@@ -13,7 +13,7 @@ directly for one training step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from ..conditioning import StepRecord, SubjectConditioning
 from ..loaders import injection
 from ..losses import (
-    DEFAULT_LOSS_WEIGHT,
     cscl_loss,
     diffusion_loss,
     diffusion_target,
@@ -33,27 +32,32 @@ from ..losses import (
 )
 from ..models.adapter import CustomContrastAdapter
 from .batch import ObjectiveInputs
+from .config import TrainingConfig
 
 __all__ = ["CustomContrastObjective", "LogitScale", "ObjectiveOutput", "ObjectiveSettings"]
 
 TERMS = ("diffusion", "cscl", "macl", "location")
 
 
+_TRAINING_DEFAULTS = {f.name: f.default for f in fields(TrainingConfig)}
+
+
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """Loss weights, temperatures and ablation switches (the matching :class:`TrainingConfig` fields)."""
+    """Loss weights, temperatures and ablation switches: the matching :class:`TrainingConfig` fields, with its
+    defaults (written once, there)."""
 
-    lambda_cscl: float = DEFAULT_LOSS_WEIGHT
-    lambda_macl: float = DEFAULT_LOSS_WEIGHT
-    lambda_loc: float = DEFAULT_LOSS_WEIGHT
-    use_cscl: bool = True
-    use_macl: bool = True
-    use_location: bool = True
-    macl_temperature: float = 0.1
-    appearance_temperature: float = 0.05
-    macl_appearance_scaling: str = "similarity"
-    cscl_init_logit_scale: float = math.log(1 / 0.07)
-    snr_gamma: float | None = None
+    lambda_cscl: float = _TRAINING_DEFAULTS["lambda_cscl"]
+    lambda_macl: float = _TRAINING_DEFAULTS["lambda_macl"]
+    lambda_loc: float = _TRAINING_DEFAULTS["lambda_loc"]
+    use_cscl: bool = _TRAINING_DEFAULTS["use_cscl"]
+    use_macl: bool = _TRAINING_DEFAULTS["use_macl"]
+    use_location: bool = _TRAINING_DEFAULTS["use_location"]
+    macl_temperature: float = _TRAINING_DEFAULTS["macl_temperature"]
+    appearance_temperature: float = _TRAINING_DEFAULTS["appearance_temperature"]
+    macl_appearance_scaling: str = _TRAINING_DEFAULTS["macl_appearance_scaling"]
+    cscl_init_logit_scale: float = _TRAINING_DEFAULTS["cscl_init_logit_scale"]
+    snr_gamma: float | None = _TRAINING_DEFAULTS["snr_gamma"]
 
     @classmethod
     def from_config(cls, config) -> ObjectiveSettings:

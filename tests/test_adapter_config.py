@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import diffusers_customcontrast as dcc
 from diffusers_customcontrast.models import ARCHITECTURE_OPTIONS, CustomContrastAdapterConfig
-from diffusers_customcontrast.testing.tiny_models import tiny_adapter, tiny_sd15_pipeline
+from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_adapter, tiny_sd15_pipeline
 from diffusers_customcontrast.training import ConfigError, TrainingConfig
 from diffusers_customcontrast.training.components import adapter_kwargs
 from diffusers_customcontrast.training.config import parse_args
@@ -54,6 +55,7 @@ def test_a_folder_saved_before_the_resampler_layout_is_refused_in_one_sentence(t
     config = CustomContrastAdapterConfig.from_dict(OLD_CONFIG_JSON)
     assert config.to_dict() == {**fields, **{k: v for k, v in config.to_dict().items() if k not in fields}}
     assert (config.tv_fusion_init, config.location_gate_init, config.s_plus_scale) == ("random", 1.0, 1.0)
+    assert (config.image_input, config.visual_projection) == ("hidden_states", "resampler")
 
     weights = {k: v for k, v in tiny_adapter(pipe, seed=5).state_dict().items() if "visual_qformer" not in k}
     weights["encoder.visual_queries"] = torch.zeros(5, 32)  # the format-1 learned queries
@@ -108,6 +110,54 @@ def test_new_adapter_options_are_checked_where_they_are_given():
         CustomContrastAdapterConfig.check_options({"visual_depth": 0})
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"image_input": "pooled"}, r"^image_input must be one of hidden_states, image_embeds, got 'pooled'\.$"),
+        ({"visual_projection": "mlp"}, r"^visual_projection must be one of resampler, linear, got 'mlp'\.$"),
+        ({"visual_projection": "linear"}, r"^visual_projection 'linear' projects one pooled image embedding, so it "
+                                          r"needs image_input 'image_embeds', got 'hidden_states'\.$"),
+        ({"image_input": "image_embeds", "image_feature_layers": [-2]},
+         r"^image_feature_layers selects hidden states, which an adapter with image_input 'image_embeds' does not "
+         r"read: leave it out, got \[-2\]\.$"),
+    ],
+)  # fmt: skip
+def test_image_input_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        CustomContrastAdapterConfig(layer_names=("layer",), layer_hidden_sizes=(8,), **options)
+    with pytest.raises(ValueError, match=message):
+        CustomContrastAdapterConfig.check_options(options)
+
+
+def test_an_adapter_on_pooled_image_embeddings_makes_the_pipeline_feed_them(tmp_path):
+    """``image_input="image_embeds"``: F is the projected embedding (width projection_dim, not hidden_size), the
+    adapter's entry of encoder_hid_proj is what diffusers' pipelines take for an ImageProjection, and unloading
+    restores the pipeline."""
+    from diffusers.models.embeddings import ImageProjection
+
+    from diffusers_customcontrast.testing.tiny_models import tiny_image_encoder
+
+    pipe = tiny_sd15_pipeline()
+    pipe.image_encoder, pipe.feature_extractor = tiny_image_encoder(hidden_size=48)
+    options = {"image_input": "image_embeds", "visual_projection": "linear", "hidden_size": 32, "num_heads": 4}
+    config = _training(adapter=options).validate()
+    adapter = dcc.CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, **adapter_kwargs(config))
+    assert adapter.adapter_config.image_embed_dim == 32 and adapter.adapter_config.image_feature_layers is None
+    adapter.save_pretrained(tmp_path / "pooled")
+    assert dcc.CustomContrastAdapter.from_pretrained(tmp_path / "pooled").adapter_config == adapter.adapter_config
+
+    reference = pipe("a toy", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    pipe.load_customcontrast(str(tmp_path / "pooled"))
+    (projection,) = pipe.unet.encoder_hid_proj.image_projection_layers
+    assert isinstance(projection, ImageProjection) and not list(projection.parameters(recurse=False))
+    embeds = pipe.prepare_ip_adapter_image_embeds(make_subject_image(1), None, "cpu", 1, True)
+    assert embeds[0].shape == (2, 1, 32) and not embeds[0][0].any()  # pooled embeddings, zeros as the negative
+    assert np.isfinite(pipe("a toy", ip_adapter_image=make_subject_image(1), num_inference_steps=2).images[0]).all()
+    pipe.unload_customcontrast()
+    again = pipe("a toy", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(reference.images, again.images)
+
+
 def _training(**values) -> TrainingConfig:
     return TrainingConfig.from_dict({"pretrained_model_name_or_path": "base", "train_data": "data", **values})
 
@@ -149,6 +199,9 @@ def test_flat_adapter_keys_of_earlier_training_configurations_still_work(tmp_pat
         ({"adapter": {"hidden_size": 30}}, r"hidden_size \(30\) must be divisible by num_heads \(12\)"),
         ({"adapter": {"num_heads": "four"}}, r"'adapter.num_heads' must be an int, got 'four'"),
         ({"image_feature_layers": []}, "image_feature_layers must be a non-empty list"),
+        ({"adapter": {"image_input": "image_embeds"}, "image_feature_layers": [-2]},
+         r"image_feature_layers selects hidden states, which an adapter with image_input 'image_embeds' does not read"),
+        ({"s_plus_warmup_steps": -1}, r"s_plus_warmup_steps must be >= 0, got -1"),
         ({"adapter": [64]}, "'adapter' must be a mapping"),
     ],
 )  # fmt: skip

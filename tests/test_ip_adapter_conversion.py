@@ -7,15 +7,30 @@ wrong place changes the output. The reference is diffusers' own ``load_ip_adapte
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import diffusers_customcontrast as dcc
+from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
 from diffusers_customcontrast.loaders.convert import adapter_from_ip_adapter
+from diffusers_customcontrast.losses import diffusion_target
 from diffusers_customcontrast.models.unet_layout import cross_attention_layout
 from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from diffusers_customcontrast.training import (
+    BaseModel,
+    BatchEncoder,
+    ConditioningDropout,
+    CustomContrastObjective,
+    ObjectiveInputs,
+    ObjectiveSettings,
+    TrainingConfig,
+    build_adapter,
+    step_generator,
+)
 
 TOLERANCE = 1e-4  # max abs difference of [0, 1] images
 SCALES = (0.0, 0.4, 1.0, 1.7)
@@ -106,6 +121,16 @@ def _ip_adapter_images(pipe, checkpoint) -> dict[float, np.ndarray]:
     return images
 
 
+def _customcontrast_differences(pipe, folder, expected: dict[float, np.ndarray]) -> dict[float, float]:
+    """The adapter folder loaded into ``pipe``: its images' max abs difference from ``expected`` at every scale."""
+    pipe.load_customcontrast(str(folder))
+    differences = {}
+    for scale in SCALES:
+        pipe.set_customcontrast_scale(scale)
+        differences[scale] = float(np.abs(_images(pipe, scale) - expected[scale]).max())
+    return differences
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_a_converted_ip_adapter_plus_gives_ip_adapter_plus_images(family, tmp_path):
     make = tiny_sd15_pipeline if family == "sd15" else tiny_sdxl_pipeline
@@ -118,11 +143,7 @@ def test_a_converted_ip_adapter_plus_gives_ip_adapter_plus_images(family, tmp_pa
     save_file(flat(checkpoint), tmp_path / "ip-adapter-plus.safetensors")
     adapter = adapter_from_ip_adapter(pipe.unet, tmp_path / "ip-adapter-plus.safetensors", encoder)
     adapter.save_pretrained(tmp_path / "converted")
-    pipe.load_customcontrast(str(tmp_path / "converted"))
-    differences = {}
-    for scale in SCALES:
-        pipe.set_customcontrast_scale(scale)
-        differences[scale] = float(np.abs(_images(pipe, scale) - expected[scale]).max())
+    differences = _customcontrast_differences(pipe, tmp_path / "converted", expected)
     assert max(differences.values()) < TOLERANCE, differences
     # The subject acts at all: IP-Adapter-Plus itself changes the image.
     assert np.abs(expected[1.0] - expected[0.0]).max() > 0.01
@@ -199,6 +220,13 @@ def _faceid_checkpoint(unet) -> dict:
         ("truncated bin", r"is not a readable PyTorch checkpoint \(truncated or corrupt\)"),
         ("no ip_adapter", r"^This is not an IP-Adapter checkpoint: it has no 'ip_adapter' weights\.$"),
         ("fixed option", r"^'hidden_size' is fixed by the IP-Adapter-Plus checkpoint \(128\), but 64 was given"),
+        ("plain sdxl checkpoint", r"^This IP-Adapter checkpoint makes tokens of width 64 \(another base model's\), but "
+                                  r"the UNet's cross-attention reads width 32: use the checkpoint made for this base "
+                                  r"model\.$"),
+        ("plain wider encoder", r"^This IP-Adapter checkpoint reads pooled image embeddings of width 48, but the image "
+                                r"encoder has projection_dim 32: use the image encoder it was trained with "),
+        ("plain feature layers", r"^image_feature_layers selects hidden states, which an adapter with image_input "
+                                 r"'image_embeds' does not read: leave it out, got \[-1\]\.$"),
     ],
 )  # fmt: skip
 def test_checkpoints_that_do_not_fit_are_refused_in_one_sentence(case, message, tmp_path):
@@ -214,6 +242,17 @@ def test_checkpoints_that_do_not_fit_are_refused_in_one_sentence(case, message, 
         source = tmp_path / ("plus.safetensors" if "safetensors" in case else "plus.bin")
         save_file(flat(checkpoint), source) if "safetensors" in case else torch.save(checkpoint, source)
         source.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    elif case == "plain sdxl checkpoint":
+        source = plain_checkpoint(
+            tiny_sdxl_pipeline(image_encoder=False).unet, pipe.image_encoder.config.projection_dim
+        )
+    elif case == "plain wider encoder":
+        source = plain_checkpoint(pipe.unet, image_embed_dim=48)
+    elif case == "plain feature layers":
+        source, options = (
+            plain_checkpoint(pipe.unet, pipe.image_encoder.config.projection_dim),
+            {"image_feature_layers": [-1]},
+        )
     elif case == "no ip_adapter":
         source = {"image_proj.latents": torch.zeros(1, 4, 128)}
     else:
@@ -223,75 +262,184 @@ def test_checkpoints_that_do_not_fit_are_refused_in_one_sentence(case, message, 
     assert "\n" not in str(error.value).split(": ")[0]
 
 
-def test_a_plain_ip_adapter_gives_its_visual_cross_attention():
-    pipe = tiny_sd15_pipeline()
-    checkpoint = plain_checkpoint(pipe.unet, pipe.image_encoder.config.projection_dim)
-    adapter = adapter_from_ip_adapter(pipe.unet, flat(checkpoint), pipe.image_encoder)
-    for index, layer in enumerate(adapter.layers):
-        assert torch.equal(layer.to_k_ip.weight, checkpoint["ip_adapter"][f"{2 * index + 1}.to_k_ip.weight"])
-    assert adapter.adapter_config.tv_fusion_init == "random"  # nothing to reproduce: a new adapter otherwise
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("layout", ["bin", "safetensors"])
+def test_a_converted_plain_ip_adapter_gives_ip_adapter_images(family, layout, tmp_path):
+    """Plain IP-Adapter reads CLIP's pooled image embedding (a zero one as the negative): the converted adapter makes
+    the pipeline compute those, and its linear projection holds IP-Adapter's."""
+    make = tiny_sd15_pipeline if family == "sd15" else tiny_sdxl_pipeline
+    pipe = make()
+    encoder = pipe.image_encoder
+    checkpoint = plain_checkpoint(pipe.unet, encoder.config.projection_dim, seed=6)
+    expected = _ip_adapter_images(make(), checkpoint)
+
+    # The nested .bin (read with weights_only=True) or the flat safetensors file, saved as a folder, loaded as any.
+    if layout == "bin":
+        torch.save(checkpoint, tmp_path / "ip-adapter.bin")
+    else:
+        save_file(flat(checkpoint), tmp_path / "ip-adapter.safetensors")
+    adapter = adapter_from_ip_adapter(pipe.unet, tmp_path / f"ip-adapter.{layout}", encoder)
+    config = adapter.adapter_config
+    assert (config.image_input, config.visual_projection, config.num_visual_tokens) == ("image_embeds", "linear", 4)
+    assert config.image_feature_layers is None and config.image_embed_dim == encoder.config.projection_dim
+    assert torch.equal(adapter.encoder.visual_qformer.norm.bias, checkpoint["image_proj"]["norm.bias"])
+    adapter.save_pretrained(tmp_path / "converted")
+    differences = _customcontrast_differences(pipe, tmp_path / "converted", expected)
+    assert max(differences.values()) < TOLERANCE, differences
+    assert np.abs(expected[1.0] - expected[0.0]).max() > 0.01
+
+    # The textual Q-Former reads the pooled embedding too: with the S+ tokens on, they change the image.
+    pipe.set_customcontrast_scale(1.0, s_plus_scale=1.0)
+    with_s_plus = _images(pipe, 1.0)
+    assert np.isfinite(with_s_plus).all() and np.abs(with_s_plus - expected[1.0]).max() > 1e-3
+    # Precomputed embeddings of the same photo (one token per photo, zeros as the negative) give the same image.
+    embeds = pipe.encode_customcontrast_subjects([make_subject_image(3)])
+    assert embeds[0].shape == (2, 1, 1, encoder.config.projection_dim) and not embeds[0][0].any()
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(
+        "a photo of a toy",
+        ip_adapter_image_embeds=embeds,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=generator,
+        output_type="np",
+    ).images
+    assert np.abs(images - with_s_plus).max() < TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def test_training_from_ip_adapter_plus_starts_at_its_diffusion_loss(tmp_path):
-    from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
-    from diffusers_customcontrast.losses import diffusion_target
-    from diffusers_customcontrast.training import (
-        BaseModel,
-        BatchEncoder,
-        ConditioningDropout,
-        CustomContrastObjective,
-        ObjectiveSettings,
-        TrainingConfig,
-        build_adapter,
-        step_generator,
-    )
-
-    pipe = tiny_sd15_pipeline()
-    checkpoint = plus_checkpoint(pipe.unet, pipe.image_encoder.config.hidden_size, seed=5)
-    torch.save(checkpoint, tmp_path / "ip-adapter-plus.bin")
+def _warm_start(tmp_path, checkpoint: dict, **values) -> tuple[CustomContrastObjective, ObjectiveInputs]:
+    """The objective of a run started from ``checkpoint`` (``init_from_ip_adapter``) on a tiny SD1.5 base, and one
+    batch of 3 encoded as the trainer encodes it (no dropout)."""
+    torch.save(checkpoint, tmp_path / "ip-adapter.bin")
     write_synthetic_dataset(tmp_path / "subjects", num_subjects=4, frames_per_subject=2, size=32)
     config = TrainingConfig.from_dict(
         {
             "pretrained_model_name_or_path": "unused",
             "train_data": str(tmp_path / "subjects"),
             "resolution": 32,
-            "init_from_ip_adapter": str(tmp_path / "ip-adapter-plus.bin"),
+            "init_from_ip_adapter": str(tmp_path / "ip-adapter.bin"),
             "adapter": {"num_textual_tokens": 2, "textual_depth": 1, "timestep_embed_dim": 32},
+            **values,
         }
-    )
-    base = BaseModel.from_pipeline(pipe)
+    ).validate()
+    base = BaseModel.from_pipeline(tiny_sd15_pipeline())
     base.freeze("cpu", torch.float32)
     adapter = build_adapter(config, base)
     objective = CustomContrastObjective(
         base.unet, adapter, base.noise_scheduler, ObjectiveSettings.from_config(config)
     )
     dataset = SubjectTripletDataset(tmp_path / "subjects", resolution=32, reference_size=224)
-    batch = collate_triplets([dataset[i] for i in range(3)])
-    inputs = BatchEncoder(base, resolution=32, dropout=ConditioningDropout(0.0, 0.0, 0.0))(
-        batch, step_generator(0, 0, 0, 0)
+    encoder = BatchEncoder(
+        base,
+        feature_layers=adapter.adapter_config.image_feature_layers,
+        resolution=32,
+        dropout=ConditioningDropout(0.0, 0.0, 0.0),
+        image_input=adapter.adapter_config.image_input,
     )
-    output = objective.train()(inputs)
+    inputs = encoder(collate_triplets([dataset[i] for i in range(3)]), step_generator(0, 0, 0, 0))
+    return objective.train(), inputs
 
-    # IP-Adapter-Plus's own loss on the same batch: diffusers' IP-Adapter on the same base, same noise and timesteps.
+
+def _ip_adapter_loss(checkpoint: dict, inputs: ObjectiveInputs, image_embeds: torch.Tensor, scheduler) -> float:
+    """The diffusion loss of diffusers' IP-Adapter of ``checkpoint`` on the same base, batch, noise and timesteps."""
     reference = tiny_sd15_pipeline()
     reference.load_ip_adapter(checkpoint, subfolder=None, weight_name=None, image_encoder_folder=None)
-    scheduler = base.noise_scheduler
     with torch.no_grad():
         prediction = reference.unet(
             scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps),
             inputs.timesteps,
             encoder_hidden_states=inputs.encoder_hidden_states,
-            added_cond_kwargs={"image_embeds": [inputs.reference_features[:, None]]},
+            added_cond_kwargs={"image_embeds": [image_embeds]},
         ).sample
     target = diffusion_target(scheduler, inputs.latents, inputs.noise, inputs.timesteps)
-    expected = torch.nn.functional.mse_loss(prediction, target)
-    assert abs(output.terms["diffusion"].item() - expected.item()) < 1e-6 * expected.item()
+    return torch.nn.functional.mse_loss(prediction, target).item()
+
+
+@pytest.mark.parametrize("kind", ["plus", "plain"])
+def test_training_from_ip_adapter_starts_at_its_diffusion_loss(kind, tmp_path):
+    encoder = tiny_sd15_pipeline().image_encoder
+    unet = tiny_sd15_pipeline(image_encoder=False).unet
+    if kind == "plus":
+        checkpoint = plus_checkpoint(unet, encoder.config.hidden_size, seed=5)
+    else:
+        checkpoint = plain_checkpoint(unet, encoder.config.projection_dim, seed=5)
+    objective, inputs = _warm_start(tmp_path, checkpoint)
+    output = objective(inputs)
+    # One image per row: [batch, 1, tokens, width] hidden states for Plus; the pooled [batch, 1, width] is one already.
+    features = inputs.reference_features
+    expected = _ip_adapter_loss(
+        checkpoint, inputs, features[:, None] if kind == "plus" else features, objective.noise_scheduler
+    )
+    assert abs(output.terms["diffusion"].item() - expected) < 1e-6 * expected
 
     # The added parts open up from there: the diffusion loss has a gradient on the TV fusion's residual and on
     # every layer's gate strength, though both start as exact no-ops.
     output.loss.backward()
-    assert adapter.encoder.tv_fusion.proj.weight.grad.abs().sum() > 0
-    assert all(layer.location_gate.strength.grad != 0 for layer in adapter.layers)
+    assert objective.adapter.encoder.tv_fusion.proj.weight.grad.abs().sum() > 0
+    assert all(layer.location_gate.strength.grad != 0 for layer in objective.adapter.layers)
+
+
+def test_the_s_plus_warmup_gives_the_s_plus_tokens_a_diffusion_gradient(tmp_path):
+    """A converted adapter's S+ tokens start at scale 0, where the diffusion loss gives them no gradient; the ramp
+    (``s_plus_warmup_steps``) raises the scale step by step, and each step computes the adapter at that scale."""
+    unet = tiny_sd15_pipeline(image_encoder=False).unet
+    checkpoint = plus_checkpoint(unet, tiny_sd15_pipeline().image_encoder.config.hidden_size, seed=7)
+    only_diffusion = {"use_cscl": False, "use_macl": False, "use_location": False}
+    objective, inputs = _warm_start(tmp_path, checkpoint, s_plus_warmup_steps=4, **only_diffusion)
+    assert [objective.s_plus_scale(step) for step in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    s_plus_weight = objective.adapter.encoder.s_plus_proj[0].weight
+
+    def diffusion(step: int, warmup: int) -> tuple[float, float]:
+        objective.settings = dataclasses.replace(objective.settings, s_plus_warmup_steps=warmup)
+        objective.zero_grad(set_to_none=True)
+        output = objective(inputs, step=step)
+        output.loss.backward()
+        gradient = s_plus_weight.grad
+        return output.terms["diffusion"].item(), 0.0 if gradient is None else gradient.abs().sum().item()
+
+    assert diffusion(0, warmup=4)[1] == 0  # the first step: the adapter's own scale, 0
+    assert diffusion(2, warmup=0)[1] == 0  # no ramp: none at any step
+    loss, gradient = diffusion(2, warmup=4)
+    assert gradient > 0
+    # Step 2 of 4 is the adapter at S+ scale 0 + (1 - 0) * 2 / 4, set by hand.
+    dcc.loaders.injection.set_scale(objective.unet, s_plus_scale=0.5)
+    expected_loss, expected_gradient = diffusion(2, warmup=0)
+    assert loss == pytest.approx(expected_loss, rel=1e-6) and gradient == pytest.approx(expected_gradient, rel=1e-5)
+
+
+def test_a_run_with_the_warmup_exports_the_scale_it_reached(tmp_path):
+    """Two steps of a four-step ramp from a converted plain IP-Adapter: the exported adapter loads at S+ scale 0.5."""
+    from diffusers_customcontrast.training import train
+
+    pipe = tiny_sd15_pipeline()
+    pipe.save_pretrained(tmp_path / "base")
+    torch.save(plain_checkpoint(pipe.unet, pipe.image_encoder.config.projection_dim), tmp_path / "ip-adapter.bin")
+    write_synthetic_dataset(tmp_path / "subjects", num_subjects=4, frames_per_subject=2, size=32)
+    config = TrainingConfig.from_dict(
+        {
+            "pretrained_model_name_or_path": str(tmp_path / "base"),
+            "train_data": str(tmp_path / "subjects"),
+            "init_from_ip_adapter": str(tmp_path / "ip-adapter.bin"),
+            "adapter": {
+                "num_textual_tokens": 2,
+                "textual_depth": 1,
+                "timestep_embed_dim": 32,
+                "hidden_size": 64,
+                "num_heads": 2,
+            },
+            "s_plus_warmup_steps": 4,
+            "image_dropout": 0.5,
+            "resolution": 32,
+            "train_batch_size": 2,
+            "max_train_steps": 2,
+            "checkpointing_steps": None,
+            "report_to": "none",
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    train(config)
+    adapter = dcc.CustomContrastAdapter.from_pretrained(tmp_path / "run")
+    assert adapter.adapter_config.s_plus_scale == 0.5 and adapter.adapter_config.image_input == "image_embeds"

@@ -167,7 +167,14 @@ def _ip_adapter_checkpoint(adapter, scale=1.0):
         for name in ("to_k_ip", "to_v_ip"):
             shape = getattr(layer, name).weight.shape
             weights[f"{2 * index + 1}.{name}.weight"] = torch.full(shape, scale * (index + 1))
-    return {"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": weights}
+    width = adapter.config.cross_attention_dim  # plain IP-Adapter's projection: 4 tokens from a 32-wide embedding
+    image_proj = {
+        "proj.weight": torch.zeros(4 * width, 32),
+        "proj.bias": torch.zeros(4 * width),
+        "norm.weight": torch.ones(width),
+        "norm.bias": torch.zeros(width),
+    }
+    return {"image_proj": image_proj, "ip_adapter": weights}
 
 
 @pytest.mark.parametrize("form", ["bin", "safetensors", "dict"])

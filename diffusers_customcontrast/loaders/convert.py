@@ -1,4 +1,5 @@
-"""Convert an IP-Adapter-Plus checkpoint into a CustomContrast adapter that computes exactly what it computes.
+"""Convert an IP-Adapter-Plus or IP-Adapter checkpoint into a CustomContrast adapter that computes exactly what it
+computes.
 
 The original IP-Adapter files (``ip-adapter-plus_sd15.bin``, ``ip-adapter-plus_sdxl_vit-h.safetensors``, ...) hold
 two parts: ``image_proj``, the image projection, and ``ip_adapter``, one ``to_k_ip``/``to_v_ip`` pair per
@@ -7,13 +8,12 @@ cross-attention layer follows its self-attention layer). The ``.bin`` files nest
 "ip_adapter": {...}}``); the ``.safetensors`` files flatten them with ``image_proj.`` / ``ip_adapter.`` prefixes.
 
 IP-Adapter-Plus's image projection is a Resampler, which CustomContrast's visual Q-Former holds key for key
-(:class:`~diffusers_customcontrast.models.qformer.VisualQFormer`); the ``to_k_ip``/``to_v_ip`` pairs are the
+(:class:`~diffusers_customcontrast.models.qformer.VisualQFormer`). Plain IP-Adapter's is a linear projection of CLIP's
+pooled image embedding, which an adapter with ``image_input="image_embeds"`` and ``visual_projection="linear"`` holds
+key for key (:class:`~diffusers_customcontrast.models.qformer.LinearVisualProjection`); pipelines then feed it the
+pooled embedding, with zeros as the negative, as they feed plain IP-Adapter. The ``to_k_ip``/``to_v_ip`` pairs are the
 layers' visual cross-attention. What CustomContrast adds starts as a no-op (TV fusion ``identity``, location gates
-open, S+ scale 0), so the converted adapter reproduces IP-Adapter-Plus, and training starts from there.
-
-The plain IP-Adapter's projection reads CLIP's pooled image embedding, which the adapter does not read (it reads
-the image encoder's hidden states, as IP-Adapter-Plus does): from a plain checkpoint only the ``to_k_ip``/``to_v_ip``
-weights transfer.
+open, S+ scale 0), so the converted adapter reproduces the IP-Adapter it comes from, and training starts from there.
 
 Command line::
 
@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 HEAD_DIM = 64  # IP-Adapter-Plus's Resampler heads are 64 wide (the checkpoints do not record it; diffusers assumes it)
 
-# How a converted adapter starts: everything CustomContrast adds to IP-Adapter-Plus is a no-op.
+# How a converted adapter starts: everything CustomContrast adds to IP-Adapter(-Plus) is a no-op.
 CONVERTED_OPTIONS: dict[str, Any] = {"tv_fusion_init": "identity", "location_gate_init": 0.0, "s_plus_scale": 0.0}
 
 # Original Resampler keys -> the visual Q-Former's (``latents`` is handled apart: it is rows 1.. of the queries).
@@ -92,6 +92,27 @@ def ip_adapter_kind(image_proj: Mapping, ip_adapter: Mapping) -> str:
         f"This IP-Adapter checkpoint's image projection is of no known kind (keys {sorted(image_proj)[:4]}): "
         "expected IP-Adapter-Plus's Resampler ('latents', 'proj_in', ...) or IP-Adapter's 'proj' and 'norm'."
     )
+
+
+def linear_projection_options(image_proj: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The adapter options whose values a plain IP-Adapter's linear projection fixes (its input width, token count)."""
+    try:
+        weight, width = image_proj["proj.weight"], image_proj["norm.weight"].shape[-1]
+    except KeyError as error:
+        raise AdapterLoadError(
+            f"This IP-Adapter checkpoint's image projection is incomplete (no {error}): the file is damaged."
+        ) from error
+    if weight.ndim != 2 or weight.shape[0] % width:
+        raise AdapterLoadError(
+            f"This IP-Adapter checkpoint's projection has shape {tuple(weight.shape)}, which makes no whole number "
+            f"of {width}-wide tokens: the file is damaged."
+        )
+    return {
+        "image_input": "image_embeds",
+        "visual_projection": "linear",
+        "image_embed_dim": weight.shape[1],
+        "num_visual_tokens": weight.shape[0] // width,
+    }
 
 
 def resampler_options(image_proj: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -175,41 +196,74 @@ def load_ip_adapter_attention(
     return adapter
 
 
+def _load_image_projection(
+    targets: dict[str, torch.Tensor],
+    image_proj: Mapping[str, torch.Tensor],
+    rename: Callable[[str], str | None],
+    kind: str,
+) -> None:
+    """Copy every ``image_proj`` weight into ``targets`` (the adapter's tensors, by the name ``rename`` gives a
+    checkpoint key); a one-sentence error for a weight with no place and for a place with no weight."""
+    targets = dict(targets)
+    for key, value in image_proj.items():
+        name = rename(key)
+        if name not in targets:
+            raise AdapterLoadError(
+                f"The {kind} has a weight 'image_proj.{key}' that the adapter has no place for: the checkpoint is not "
+                f"an {kind} of the original layout."
+            )
+        _copy(targets.pop(name), value, f"image_proj.{key}")
+    if targets:
+        raise AdapterLoadError(
+            f"The {kind} has no weight for the adapter's '{sorted(targets)[0]}' ({len(targets)} missing): the file "
+            "is incomplete."
+        )
+
+
 @torch.no_grad()
 def load_resampler(adapter: CustomContrastAdapter, image_proj: Mapping[str, torch.Tensor]) -> CustomContrastAdapter:
     """Copy an IP-Adapter-Plus Resampler into the adapter's visual Q-Former (in place; returned)."""
     qformer = adapter.encoder.visual_qformer
-    targets = dict(qformer.named_parameters())
-    for key, value in image_proj.items():
+    targets = {name: p for name, p in qformer.named_parameters() if name != "queries"}
+    # The latents are the queries' rows 1..; row 0, the CLS query, keeps its initial value.
+    targets["latents"] = qformer.queries[1:].unsqueeze(0)
+
+    def rename(key: str) -> str | None:
         if key == "latents":
-            _copy(qformer.queries[1:], value[0], "image_proj.latents")
-            continue
-        name = next((pattern.sub(repl, key) for pattern, repl in _RESAMPLER_KEYS if pattern.match(key)), None)
-        if name not in targets:
-            raise AdapterLoadError(
-                f"The IP-Adapter-Plus Resampler has a weight 'image_proj.{key}' that the visual Q-Former has no place "
-                "for: the checkpoint is not an IP-Adapter-Plus Resampler of the original layout."
-            )
-        _copy(targets.pop(name), value, f"image_proj.{key}")
-    if "queries" in targets:
-        targets.pop("queries")  # only rows 1.. are the latents; row 0, the CLS query, keeps its initial value
-    if targets:
-        raise AdapterLoadError(
-            f"The IP-Adapter-Plus Resampler has no weight for the visual Q-Former's '{sorted(targets)[0]}' "
-            f"({len(targets)} missing): the file is incomplete."
-        )
+            return key
+        return next((pattern.sub(repl, key) for pattern, repl in _RESAMPLER_KEYS if pattern.match(key)), None)
+
+    _load_image_projection(targets, image_proj, rename, "IP-Adapter-Plus Resampler")
     return adapter
 
 
-def _options(derived: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    """The converted adapter's options: the checkpoint's, then the no-op starts, then the user's other choices."""
+@torch.no_grad()
+def load_linear_projection(
+    adapter: CustomContrastAdapter, image_proj: Mapping[str, torch.Tensor]
+) -> CustomContrastAdapter:
+    """Copy a plain IP-Adapter's image projection (``proj``, ``norm``) into the adapter's (in place; returned)."""
+    projection = adapter.encoder.visual_qformer
+    targets = {
+        f"{module}.{name}": p
+        for module in ("proj", "norm")
+        for name, p in getattr(projection, module).named_parameters()
+    }
+    _load_image_projection(targets, image_proj, lambda key: key, "IP-Adapter image projection")
+    return adapter
+
+
+def _options(derived: Mapping[str, Any], given: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The converted adapter's options: the no-op starts, the user's other choices, and what the checkpoint fixes
+    (which the user may repeat but not change)."""
     for name, value in given.items():
-        if name in derived and (list(value) if isinstance(value, (list, tuple)) else value) != derived[name]:
+        if value is None or name not in derived:  # not chosen, or the checkpoint leaves it free
+            continue
+        if (list(value) if isinstance(value, (list, tuple)) else value) != derived[name]:
             raise ValueError(
-                f"'{name}' is fixed by the IP-Adapter-Plus checkpoint ({derived[name]!r}), but {value!r} was given: "
+                f"'{name}' is fixed by the {kind} checkpoint ({derived[name]!r}), but {value!r} was given: "
                 "leave it out."
             )
-    return {**CONVERTED_OPTIONS, **given, **derived}
+    return {**CONVERTED_OPTIONS, **{k: v for k, v in given.items() if v is not None}, **derived}
 
 
 def adapter_from_ip_adapter(
@@ -221,12 +275,12 @@ def adapter_from_ip_adapter(
     hub_kwargs: dict | None = None,
     **config,
 ) -> CustomContrastAdapter:
-    """A new adapter for ``unet`` converted from an IP-Adapter-Plus (or IP-Adapter) checkpoint.
+    """A new adapter for ``unet`` converted from an IP-Adapter-Plus or IP-Adapter checkpoint.
 
-    From IP-Adapter-Plus the visual Q-Former and the visual cross-attention come from the checkpoint, and the parts
+    The image projection (IP-Adapter-Plus's Resampler as the visual Q-Former; plain IP-Adapter's linear projection
+    with ``image_input="image_embeds"``) and the visual cross-attention come from the checkpoint, and the parts
     CustomContrast adds start as no-ops (:data:`CONVERTED_OPTIONS`): loaded with ``load_customcontrast`` at its
-    default settings the adapter gives IP-Adapter-Plus's images. From plain IP-Adapter only the visual
-    cross-attention comes from the checkpoint (the rest starts new, see the module docstring).
+    default settings the adapter gives the images of that IP-Adapter loaded with ``load_ip_adapter``.
 
     Args:
         unet: the base model's UNet.
@@ -246,32 +300,31 @@ def adapter_from_ip_adapter(
     image_proj, ip_weights = split_ip_adapter_checkpoint(
         _read_checkpoint(ip_adapter, weight_name, **dict(hub_kwargs or {}))
     )
-    kind = ip_adapter_kind(image_proj, ip_weights)
-    if kind == "plain":
-        logger.warning(
-            "A plain IP-Adapter checkpoint: its image projection reads CLIP's pooled image embedding, which the "
-            "adapter does not read; only its to_k_ip/to_v_ip were transferred."
-        )
-        adapter = CustomContrastAdapter.from_unet(unet, image_encoder, init_from_unet=False, **config)
-        return load_ip_adapter_attention(adapter, {"ip_adapter": ip_weights})
-
-    derived = resampler_options(image_proj)
     context = cross_attention_layout(unet).cross_attention_dim
-    width = image_proj["proj_out.weight"].shape[0]
+    if ip_adapter_kind(image_proj, ip_weights) == "plain":
+        kind, derived = "IP-Adapter", linear_projection_options(image_proj)
+        width, read, encoder_width = image_proj["norm.weight"].shape[-1], "pooled image embeddings", "projection_dim"
+        encoders = "ViT-H/14: 1024, ViT-bigG/14: 1280"
+    else:
+        kind, derived = "IP-Adapter-Plus", {**resampler_options(image_proj), "image_feature_layers": [-2]}
+        width, read, encoder_width = image_proj["proj_out.weight"].shape[0], "image features", "hidden_size"
+        encoders = "ViT-H/14: 1280, ViT-bigG/14: 1664"
     if width != context:
         raise AdapterLoadError(
-            f"This IP-Adapter-Plus checkpoint makes tokens of width {width} ({_family_of_width(width)}), but the "
-            f"UNet's cross-attention reads width {context}: use the checkpoint made for this base model."
+            f"This {kind} checkpoint makes tokens of width {width} ({_family_of_width(width)}), but the UNet's "
+            f"cross-attention reads width {context}: use the checkpoint made for this base model."
         )
-    if image_encoder is not None and image_encoder.config.hidden_size != derived["image_embed_dim"]:
+    actual = getattr(image_encoder.config, encoder_width, None) if image_encoder is not None else None
+    if actual is not None and actual != derived["image_embed_dim"]:
         raise AdapterLoadError(
-            f"This IP-Adapter-Plus checkpoint reads image features of width {derived['image_embed_dim']}, but the "
-            f"image encoder has hidden size {image_encoder.config.hidden_size}: use the image encoder it was "
-            "trained with (ViT-H/14: 1280, ViT-bigG/14: 1664)."
+            f"This {kind} checkpoint reads {read} of width {derived['image_embed_dim']}, but the image encoder has "
+            f"{encoder_width} {actual}: use the image encoder it was trained with ({encoders})."
         )
-    options = _options({**derived, "image_feature_layers": [-2]}, config)
-    adapter = CustomContrastAdapter.from_unet(unet, image_encoder, init_from_unet=False, **options)
-    load_resampler(adapter, image_proj)
+    adapter = CustomContrastAdapter.from_unet(
+        unet, image_encoder, init_from_unet=False, **_options(derived, config, kind)
+    )
+    load_projection = load_linear_projection if kind == "IP-Adapter" else load_resampler
+    load_projection(adapter, image_proj)
     return load_ip_adapter_attention(adapter, {"ip_adapter": ip_weights})
 
 
@@ -296,7 +349,8 @@ def main(argv: list[str] | None = None) -> Path:
         epilog="example (IP-Adapter-Plus for SD1.5 from h94/IP-Adapter):\n"
         "  python -m diffusers_customcontrast.convert --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \\\n"
         "      --ip_adapter h94/IP-Adapter --subfolder models --weight_name ip-adapter-plus_sd15.safetensors \\\n"
-        "      --image_encoder h94/IP-Adapter --output_dir customcontrast-from-plus",
+        "      --image_encoder h94/IP-Adapter --output_dir customcontrast-from-plus\n"
+        "(plain IP-Adapter the same way: --weight_name ip-adapter_sd15.safetensors)",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument(

@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ..attention_processor import CustomContrastAttnProcessor2_0
 from ..conditioning import OPTIONS_KEY, LayerScale, StepRecord, SubjectConditioning, SubjectOptions, active_recordings
 from ..models.adapter import CustomContrastAdapter
-from ..models.image_projection import CustomContrastImageProjection, MultiSubjectImageProjection
+from ..models.image_projection import CustomContrastImageProjection, MultiSubjectImageProjection, image_projection
 from ..models.unet_layout import attention_module
 from ..step_range import FULL_RANGE, check_step_range, in_step_range, step_position
 
@@ -120,7 +120,7 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
     check_can_attach(unet, adapter)
     detach(unet)
 
-    projection = CustomContrastImageProjection(adapter.encoder)
+    projection = image_projection(adapter.encoder, adapter.adapter_config.image_input)
     original_processors = dict(unet.attn_processors)
     ip_processors = _ip_adapter_processors(
         unet, unet.encoder_hid_proj, original_processors, adapter.config.layer_names
@@ -322,6 +322,8 @@ def _conditioning(
                 f"with {entry.num_subjects} subjects each needs {batch * entry.num_subjects}."
             )
     else:
+        if state.adapter.adapter_config.image_input == "image_embeds" and getattr(entry, "ndim", None) == 3:
+            entry = entry[:, :, None]  # pooled embeddings [batch, num_subjects, width]: one token per subject
         features = _checked_features(entry, state.adapter.config.image_embed_dim, batch)
         conditioning = SubjectConditioning(image_embeds=features, num_subjects=features.shape[1])
     context = options.image_context if options is not None else None

@@ -129,7 +129,7 @@ def load_customcontrast(
     encoder = getattr(pipe, "image_encoder", None)
     state.cleanups.append(inputs.install(getattr(pipe, "feature_extractor", None), encoder))
     feature_layers = adapter.adapter_config.image_feature_layers
-    if encoder is not None and feature_layers != (-2,):
+    if encoder is not None and feature_layers not in (None, (-2,)):  # None: it reads the pooled image_embeds
         state.cleanups.append(_feed_feature_layers(encoder, feature_layers))
     logger.info("Loaded CustomContrast adapter (%d layers) into %s.", adapter.num_layers, type(pipe).__name__)
     return adapter
@@ -193,9 +193,10 @@ def encode_customcontrast_subjects(
         A list with CustomContrast's entry, ``[(2 x) num_images_per_prompt, num_subjects, tokens, width]``: pass it as
         ``ip_adapter_image_embeds=``. Beside diffusers' IP-Adapters, put it at CustomContrast's place among their
         entries (load order). With one photo per subject it is what the pipeline computes from
-        ``ip_adapter_image=``.
+        ``ip_adapter_image=``. For an adapter with ``image_input="image_embeds"`` each photo is one token (its pooled
+        embedding) and the negative rows are zeros, as diffusers gives that kind of adapter.
     """
-    injection.loaded(pipe.unet)
+    state = injection.loaded(pipe.unet)
     if combine not in ("concat", "mean"):
         raise ValueError(f"combine must be 'concat' or 'mean', got {combine!r}.")
     if (
@@ -211,7 +212,12 @@ def encode_customcontrast_subjects(
             f"{[len(group) for group in groups]}: give each subject as many photos, or use combine='mean'."
         )
     # One batch, as diffusers encodes ip_adapter_image=[[a, b]]: with one photo per subject, the same numbers.
-    photos, blanks = pipe.encode_image([photo for group in groups for photo in group], pipe._execution_device, 1, True)
+    pooled = state.adapter.adapter_config.image_input == "image_embeds"
+    photos, blanks = pipe.encode_image(
+        [photo for group in groups for photo in group], pipe._execution_device, 1, not pooled
+    )
+    if pooled:  # one pooled embedding per photo, as a one-token sequence (the negative: zeros, as diffusers gives)
+        photos, blanks = photos[:, None], blanks[:, None]
     sizes = [len(group) for group in groups]
 
     def per_subject(features: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,17 @@
 
 from .adapter import CustomContrastAdapter, select_image_features
 from .adapter_layer import CustomContrastLayer, LocationGate, SubjectLocationHead
-from .config import ARCHITECTURE_OPTIONS, BASE_FAMILIES, FORMAT_VERSION, TV_FUSION_INITS, CustomContrastAdapterConfig
+from .config import (
+    ARCHITECTURE_OPTIONS,
+    BASE_FAMILIES,
+    FORMAT_VERSION,
+    IMAGE_INPUTS,
+    TV_FUSION_INITS,
+    VISUAL_PROJECTIONS,
+    CustomContrastAdapterConfig,
+)
 from .mfi_encoder import ImageContext, MFIEncoder, SubjectTokens, TVFusion
-from .qformer import PerceiverBlock, QFormer, QFormerBlock, VisualQFormer
+from .qformer import LinearVisualProjection, PerceiverBlock, QFormer, QFormerBlock, VisualQFormer
 from .unet_layout import CrossAttentionLayout, cross_attention_layout
 
 __all__ = [
@@ -15,7 +23,9 @@ __all__ = [
     "CustomContrastAdapter",
     "CustomContrastAdapterConfig",
     "CustomContrastLayer",
+    "IMAGE_INPUTS",
     "ImageContext",
+    "LinearVisualProjection",
     "LocationGate",
     "MFIEncoder",
     "PerceiverBlock",
@@ -25,6 +35,7 @@ __all__ = [
     "SubjectTokens",
     "TVFusion",
     "TV_FUSION_INITS",
+    "VISUAL_PROJECTIONS",
     "VisualQFormer",
     "cross_attention_layout",
     "select_image_features",

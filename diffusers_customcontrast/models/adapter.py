@@ -114,6 +114,12 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
             layer.to_k_ip.weight.copy_(getattr(attn.to_k, "base_layer", attn.to_k).weight)
             layer.to_v_ip.weight.copy_(getattr(attn.to_v, "base_layer", attn.to_v).weight)
 
+    def record_s_plus_scale(self, value: float) -> None:
+        """Make ``value`` the S+ scale the adapter is loaded with (its config's ``s_plus_scale``, which
+        ``save_pretrained`` writes); a pipeline it is loaded into keeps its own scale."""
+        self.adapter_config = self.adapter_config.replace(s_plus_scale=value)
+        self.register_to_config(s_plus_scale=self.adapter_config.s_plus_scale)
+
     def __repr__(self) -> str:
         # One line, not the module tree: load_customcontrast returns the adapter, and a notebook prints what a cell
         # returns. print(adapter.encoder) / adapter.layers show the modules.
@@ -147,18 +153,28 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
                 f"This CustomContrast adapter expects width {mismatch[1]} at layer '{mismatch[0]}', but the "
                 f"pipeline's UNet has width {mismatch[2]} there: load an adapter trained for this base model."
             )
+        if image_encoder is None:
+            return
         expected_width = self.config.image_encoder_hidden_size
-        if image_encoder is not None and expected_width is not None:
-            width = image_encoder.config.hidden_size
-            if width != expected_width:
-                raise ValueError(
-                    f"This CustomContrast adapter expects an image encoder of hidden size {expected_width}, but the "
-                    f"pipeline's image_encoder has hidden size {width}: use the image encoder the adapter was "
-                    "trained with."
-                )
+        width = image_encoder.config.hidden_size
+        if expected_width is not None and width != expected_width:
+            raise ValueError(
+                f"This CustomContrast adapter expects an image encoder of hidden size {expected_width}, but the "
+                f"pipeline's image_encoder has hidden size {width}: use the image encoder the adapter was trained with."
+            )
+        embed_width = getattr(image_encoder.config, "projection_dim", None)
+        if self.adapter_config.image_input == "image_embeds" and embed_width != self.config.image_embed_dim:
+            raise ValueError(
+                f"This CustomContrast adapter reads pooled image embeddings of width {self.config.image_embed_dim}, "
+                f"but the pipeline's image_encoder projects to width {embed_width}: use the image encoder the adapter "
+                "was trained with."
+            )
 
     def image_features(self, image_encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The features ``F`` of ``pixel_values``: the configured hidden states of a CLIP vision model, concatenated."""
+        """The features ``F`` of ``pixel_values``: the configured hidden states of a CLIP vision model, concatenated,
+        or (``image_input="image_embeds"``) its pooled, projected ``image_embeds`` as a one-token sequence."""
+        if self.adapter_config.image_input == "image_embeds":
+            return image_encoder(pixel_values).image_embeds[:, None]
         hidden_states = image_encoder(pixel_values, output_hidden_states=True).hidden_states
         return select_image_features(hidden_states, self.adapter_config.image_feature_layers)
 

@@ -22,7 +22,9 @@ __all__ = [
     "ARCHITECTURE_OPTIONS",
     "BASE_FAMILIES",
     "FORMAT_VERSION",
+    "IMAGE_INPUTS",
     "TV_FUSION_INITS",
+    "VISUAL_PROJECTIONS",
     "CustomContrastAdapterConfig",
 ]
 
@@ -30,6 +32,11 @@ __all__ = [
 # a location gate. Format-1 configs read the same; their weights (the earlier layout) are refused by the loader.
 FORMAT_VERSION = 2
 TV_FUSION_INITS = ("random", "identity")
+# What the adapter reads: hidden states of the image encoder (IP-Adapter-Plus), or its pooled, projected
+# ``image_embeds`` (plain IP-Adapter), which diffusers' pipelines then compute, with zeros as the negative.
+IMAGE_INPUTS = ("hidden_states", "image_embeds")
+# How the visual tokens are made: IP-Adapter-Plus's Resampler, or plain IP-Adapter's linear projection.
+VISUAL_PROJECTIONS = ("resampler", "linear")
 BASE_FAMILIES = ("sd15", "sdxl", "custom")
 MAX_SIZE = 2**31 - 1  # widths, depths and counts above this are a damaged config, not a model
 
@@ -96,6 +103,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "location_gate_init": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "tv_fusion_init": (lambda v: isinstance(v, str) and v in TV_FUSION_INITS, f"one of {', '.join(TV_FUSION_INITS)}"),
     "s_plus_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "image_input": (lambda v: isinstance(v, str) and v in IMAGE_INPUTS, f"one of {', '.join(IMAGE_INPUTS)}"),
+    "visual_projection": (
+        lambda v: isinstance(v, str) and v in VISUAL_PROJECTIONS,
+        f"one of {', '.join(VISUAL_PROJECTIONS)}",
+    ),
 }
 
 
@@ -130,6 +142,17 @@ def _check_joint(values: Mapping[str, Any]) -> None:
         raise ValueError(
             f"hidden_size ({values['hidden_size']}) must be divisible by num_heads ({values['num_heads']})."
         )
+    pooled = values["image_input"] == "image_embeds"
+    if pooled and values["image_feature_layers"] is not None:
+        raise ValueError(
+            "image_feature_layers selects hidden states, which an adapter with image_input 'image_embeds' does not "
+            f"read: leave it out, got {list(values['image_feature_layers'])!r}."
+        )
+    if values["visual_projection"] == "linear" and not pooled:
+        raise ValueError(
+            "visual_projection 'linear' projects one pooled image embedding, so it needs image_input 'image_embeds', "
+            f"got {values['image_input']!r}."
+        )
 
 
 @dataclass(frozen=True)
@@ -148,10 +171,16 @@ class CustomContrastAdapterConfig:
         1280, "Width of the image features F: the image encoder's hidden size times the number of feature layers."
     )
     image_encoder_hidden_size: int | None = _option(None, "Hidden size of the CLIP vision model the adapter expects.")
-    image_feature_layers: tuple[int, ...] = _option(
-        (-2,),
-        "Hidden states of the image encoder concatenated into F (default: the penultimate, what diffusers' "
-        "IP-Adapter route computes).",
+    image_input: str = _option(
+        "hidden_states",
+        "'hidden_states': F is hidden states of the image encoder (image_feature_layers), what IP-Adapter-Plus reads; "
+        "'image_embeds': F is CLIP's pooled, projected image embedding as a one-token sequence, what plain "
+        "IP-Adapter reads (pipelines then give zeros as the negative).",
+    )
+    image_feature_layers: tuple[int, ...] | None = _option(
+        None,
+        "Hidden states of the image encoder concatenated into F (unset: the penultimate, what diffusers' "
+        "IP-Adapter route computes); unset with image_input 'image_embeds'.",
     )
     image_encoder: str | None = _option(None, "Hub id or path of the image encoder it was trained with (informative).")
     # The UNet it plugs into.
@@ -162,6 +191,12 @@ class CustomContrastAdapterConfig:
     # The MFI encoder's shape.
     hidden_size: int = _option(768, "Width of the Q-Formers of the MFI encoder.")
     num_heads: int = _option(12, "Attention heads of the Q-Formers.")
+    visual_projection: str = _option(
+        "resampler",
+        "'resampler': the visual Q-Former, IP-Adapter-Plus's Resampler with a CLS query; 'linear': plain "
+        "IP-Adapter's projection (Linear to num_visual_tokens x cross_attention_dim, then LayerNorm), for "
+        "image_input 'image_embeds'.",
+    )
     visual_depth: int = _option(4, "Blocks of the visual Q-Former (IP-Adapter-Plus's Resampler has 4).")
     textual_depth: int = _option(2, "Blocks of the textual Q-Former.")
     num_visual_tokens: int = _option(
@@ -190,7 +225,7 @@ class CustomContrastAdapterConfig:
     def __post_init__(self) -> None:
         # The format version first: a newer format may mean something else by the other fields.
         _check_format_version(self.format_version)
-        if self.image_feature_layers is None:  # written by early versions for "the default"
+        if self.image_feature_layers is None and self.image_input == "hidden_states":  # unset: the penultimate
             object.__setattr__(self, "image_feature_layers", (-2,))
         for name, (rule, what) in _RULES.items():
             value = getattr(self, name)
@@ -245,7 +280,10 @@ class CustomContrastAdapterConfig:
             layers = options.get("image_feature_layers") or (-2,)
             width = image_encoder.config.hidden_size
             options.setdefault("image_encoder_hidden_size", width)
-            options.setdefault("image_embed_dim", width * len(layers) if _is_sequence(layers) else width)
+            if options.get("image_input") == "image_embeds":
+                options.setdefault("image_embed_dim", image_encoder.config.projection_dim)
+            else:
+                options.setdefault("image_embed_dim", width * len(layers) if _is_sequence(layers) else width)
         return cls(
             layer_names=layout.names,
             layer_hidden_sizes=layout.hidden_sizes,
@@ -307,6 +345,8 @@ ARCHITECTURE_OPTIONS: tuple[str, ...] = (
     "tv_fusion_init",
     "location_gate_init",
     "s_plus_scale",
+    "image_input",
+    "visual_projection",
     "image_feature_layers",
 )
 """The fields a user chooses when training a new adapter; the others come from the UNet and the image encoder."""

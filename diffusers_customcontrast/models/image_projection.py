@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusers.models.embeddings import MultiIPAdapterImageProjection
+from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from torch import nn
 
 from ..conditioning import SubjectConditioning
@@ -30,6 +30,29 @@ class CustomContrastImageProjection(nn.Module):
         timesteps = conditioning.timesteps.repeat_interleave(conditioning.num_subjects)
         image_context = conditioning.options.image_context if conditioning.options is not None else None
         return conditioning.with_tokens(self.encoder(features, timesteps, image_context=image_context))
+
+
+class PooledCustomContrastImageProjection(CustomContrastImageProjection, ImageProjection):
+    """:class:`CustomContrastImageProjection` of an adapter that reads CLIP's pooled image embedding
+    (``image_input="image_embeds"``).
+
+    An ``ImageProjection`` by class only: diffusers' pipelines choose what to encode for each entry of
+    ``encoder_hid_proj`` with ``isinstance(layer, ImageProjection)`` (pooled ``image_embeds``, with zeros as the
+    negative, the inputs of plain IP-Adapter); no other test tells them. It holds none of ``ImageProjection``'s layers
+    and computes what :class:`CustomContrastImageProjection` computes.
+    """
+
+    def __init__(self, encoder: MFIEncoder) -> None:
+        nn.Module.__init__(self)  # not ImageProjection's __init__, which would build a projection of its own
+        self.encoder = encoder
+
+
+def image_projection(encoder: MFIEncoder, image_input: str) -> CustomContrastImageProjection:
+    """The ``encoder_hid_proj`` entry for an adapter's MFI encoder: one that makes pipelines compute the adapter's
+    ``image_input`` (its config's field)."""
+    if image_input == "image_embeds":
+        return PooledCustomContrastImageProjection(encoder)
+    return CustomContrastImageProjection(encoder)
 
 
 class MultiSubjectImageProjection(MultiIPAdapterImageProjection):

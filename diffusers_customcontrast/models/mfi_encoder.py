@@ -1,6 +1,7 @@
 """The Multimodal Feature Injection (MFI) encoder of CustomContrast (paper figure 2a, b).
 
-A visual Q-Former (IP-Adapter-Plus's Resampler with a CLS query) summarises the reference image into visual tokens
+A visual Q-Former (IP-Adapter-Plus's Resampler with a CLS query; for an adapter that reads CLIP's pooled image
+embedding, plain IP-Adapter's linear projection) summarises the reference image into visual tokens
 ``V = [V_cls; V_1..V_Nv]``. A textual Q-Former,
 conditioned on the diffusion timestep ``t`` and the cross-attention layer ``l``, produces the layer's S+ tokens
 ``s_l(t)`` and a textual CLS token. The TV fusion lets the textual tokens attend over the visual tokens; its attention
@@ -22,7 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from .config import CustomContrastAdapterConfig
-from .qformer import KeysValues, QFormer, VisualQFormer, split_heads
+from .qformer import KeysValues, LinearVisualProjection, QFormer, VisualQFormer, split_heads
 
 
 @dataclass
@@ -103,15 +104,21 @@ class MFIEncoder(nn.Module):
         self.num_textual_tokens = config.num_textual_tokens
         context = config.cross_attention_dim
 
-        self.visual_qformer = VisualQFormer(
-            config.image_embed_dim,
-            hidden,
-            heads,
-            config.visual_depth,
-            config.num_visual_tokens,
-            context,
-            config.mlp_ratio,
-        )
+        # One attribute name for both projections: the weights of every adapter saved so far are under it.
+        if config.visual_projection == "linear":
+            self.visual_qformer = LinearVisualProjection(
+                config.image_embed_dim, hidden, config.num_visual_tokens, context
+            )
+        else:
+            self.visual_qformer = VisualQFormer(
+                config.image_embed_dim,
+                hidden,
+                heads,
+                config.visual_depth,
+                config.num_visual_tokens,
+                context,
+                config.mlp_ratio,
+            )
 
         self.image_proj = nn.Sequential(
             nn.LayerNorm(config.image_embed_dim), nn.Linear(config.image_embed_dim, hidden)

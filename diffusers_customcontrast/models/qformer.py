@@ -11,6 +11,9 @@ Here the image side is projected once per image (:meth:`QFormer.image_keys_value
 an IP-Adapter-Plus checkpoint converts into it key for key and computes the same tokens. diffusers' own
 ``IPAdapterPlusImageProjection`` has no CLS query and no way to expose the pre-projection tokens that the TV fusion
 and the contrastive loss read, hence a module of our own with the same maths.
+
+:class:`LinearVisualProjection` takes the visual Q-Former's place for an adapter that reads CLIP's pooled image
+embedding: plain IP-Adapter's projection (diffusers' ``ImageProjection``), key for key, with the same three outputs.
 """
 
 from __future__ import annotations
@@ -166,3 +169,28 @@ class VisualQFormer(nn.Module):
             queries = block(image, queries)
         tokens = queries[:, 1:]
         return queries[:, 0], tokens, self.norm_out(self.proj_out(tokens))
+
+
+class LinearVisualProjection(nn.Module):
+    """Plain IP-Adapter's image projection in the visual Q-Former's place: ``[B, T, D_img]`` pooled image embeddings
+    (one token per image; several are averaged) -> the visual CLS, the visual tokens at the Q-Former's width and at
+    the UNet's context width, as :class:`VisualQFormer` returns them.
+
+    ``proj`` and ``norm`` are IP-Adapter's modules of the same names (diffusers' ``ImageProjection``: a Linear to
+    ``num_tokens * cross_attention_dim``, split into tokens, then a LayerNorm); the tokens they make are what the
+    layers read. ``cls_proj`` (the CLS, for the contrastive loss) and ``to_hidden`` (the tokens the TV fusion weighs)
+    are CustomContrast's own and do not change those tokens.
+    """
+
+    def __init__(self, image_embed_dim: int, hidden_size: int, num_tokens: int, cross_attention_dim: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+        self.cls_proj = nn.Linear(image_embed_dim, hidden_size)
+        self.to_hidden = nn.Linear(cross_attention_dim, hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embeds = image_features.mean(dim=1)  # one token: exactly the image's embedding
+        tokens = self.norm(self.proj(embeds).unflatten(-1, (self.num_tokens, -1)))
+        return self.cls_proj(embeds), self.to_hidden(tokens), tokens

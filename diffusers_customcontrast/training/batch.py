@@ -90,6 +90,8 @@ class BatchEncoder:
     Args:
         base: the frozen base model (already on its device and dtype).
         feature_layers: hidden states of the image encoder that make ``F`` (the adapter's ``image_feature_layers``).
+        image_input: the adapter's ``image_input``; with ``"image_embeds"`` ``F`` is the pooled, projected image
+            embedding as a one-token sequence (``feature_layers`` unused), zeros on rows hit by image dropout.
         resolution: target resolution (SDXL's ``time_ids``: original size, crop (0, 0), target size).
         dropout: classifier-free guidance dropout.
         need_positives: also encode the positive frames and the appearance similarity (for MACL).
@@ -99,14 +101,16 @@ class BatchEncoder:
     def __init__(
         self,
         base: BaseModel,
-        feature_layers: Sequence[int] = (-2,),
+        feature_layers: Sequence[int] | None = (-2,),
         resolution: int = 512,
         dropout: ConditioningDropout | None = None,
         need_positives: bool = True,
         noise_offset: float = 0.0,
+        image_input: str = "hidden_states",
     ) -> None:
         self.base = base
-        self.feature_layers = list(feature_layers)
+        self.feature_layers = list(feature_layers or ())
+        self.image_input = image_input
         self.resolution = resolution
         self.dropout = dropout or ConditioningDropout()
         self.need_positives = need_positives
@@ -227,8 +231,13 @@ class BatchEncoder:
         with_positives = self.need_positives and positives is not None
         pixels = torch.cat([reference, self.pixel_values(positives)]) if with_positives else reference
         output = encoder(pixels.to(encoder.dtype), output_hidden_states=True)
-        features = torch.cat([output.hidden_states[i] for i in self.feature_layers], dim=-1)
         batch_size = references.shape[0]
+        if self.image_input == "image_embeds":
+            # diffusers' negative for an adapter on pooled embeddings is a zero embedding, not the blank image's.
+            kept = torch.cat([~image_dropped, image_dropped.new_ones(len(pixels) - batch_size)])
+            features = (output.image_embeds * kept.to(output.image_embeds)[:, None])[:, None]
+        else:
+            features = torch.cat([output.hidden_states[i] for i in self.feature_layers], dim=-1)
         if not with_positives:
             return features, None, None
         embeds = getattr(output, "image_embeds", None)

@@ -276,6 +276,8 @@ def _load_image_processor(source: str, index: dict, image_encoder: nn.Module, hu
 
 def adapter_kwargs(config: TrainingConfig) -> dict[str, Any]:
     """The :class:`~diffusers_customcontrast.models.CustomContrastAdapterConfig` options of a run's new adapter."""
+    if config.image_feature_layers is None:  # unset: the adapter's default for its image input
+        return dict(config.adapter)
     return {**config.adapter, "image_feature_layers": list(config.image_feature_layers)}
 
 

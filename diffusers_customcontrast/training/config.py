@@ -90,22 +90,30 @@ class TrainingConfig:
         + ", ".join(ADAPTER_OPTIONS)
         + "); unnamed options take their defaults, e.g. 'adapter: {hidden_size: 768, num_heads: 12}'.",
     )
-    image_feature_layers: list[int] = _f(
-        [-2], "Hidden states of the image encoder concatenated into F (default: the penultimate, as diffusers feeds)."
+    image_feature_layers: list[int] | None = _f(
+        None,
+        "Hidden states of the image encoder concatenated into F (unset: the penultimate, as diffusers feeds; leave "
+        "unset for an adapter with image_input 'image_embeds').",
     )
     pretrained_adapter_name_or_path: str | None = _f(
         None, "Start from a trained CustomContrast adapter (hub id or folder) instead of a new one."
     )
     init_from_ip_adapter: str | None = _f(
         None,
-        "Start from an IP-Adapter-Plus checkpoint (a file, or a folder / hub repo with ip_adapter_weight_name): the "
-        "adapter is converted whole and starts as IP-Adapter-Plus (its Resampler sets the visual Q-Former's shape; "
-        "TV fusion identity, location gates open, S+ scale 0). From plain IP-Adapter only to_k_ip / to_v_ip.",
+        "Start from an IP-Adapter-Plus or IP-Adapter checkpoint (a file, or a folder / hub repo with "
+        "ip_adapter_weight_name): the adapter is converted whole and starts as that IP-Adapter (its image projection "
+        "sets the visual Q-Former's shape; TV fusion identity, location gates open, S+ scale 0).",
     )
     ip_adapter_weight_name: str | None = _f(
         None, "File name of the IP-Adapter checkpoint inside init_from_ip_adapter (a folder or hub repo)."
     )
     ip_adapter_subfolder: str | None = _f(None, "Subfolder of that file, e.g. 'models' for h94/IP-Adapter.")
+    s_plus_warmup_steps: int = _f(
+        0,
+        "Ramp the S+ scale used in training linearly from the adapter's s_plus_scale to 1 over this many steps "
+        "(0: the adapter's own scale throughout). A converted adapter's S+ tokens start at scale 0, where the "
+        "diffusion loss gives them no gradient; the exported adapter loads with the scale the ramp reached.",
+    )
 
     # ------------------------------------------------------------------------------------------------ data
     train_data: str | None = _f(
@@ -307,6 +315,8 @@ class TrainingConfig:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.image_dropout + self.text_dropout + self.both_dropout > 1:
             problems.append("image_dropout + text_dropout + both_dropout must be at most 1")
+        if self.s_plus_warmup_steps < 0:
+            problems.append(f"s_plus_warmup_steps must be >= 0, got {self.s_plus_warmup_steps}")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate must be positive, got {self.learning_rate}")
         if self.macl_temperature <= 0:
@@ -332,7 +342,10 @@ class TrainingConfig:
             problems.append("resume_from_checkpoint must be 'latest', a checkpoint folder, or null")
         try:
             CustomContrastAdapterConfig.check_options(self.adapter, exclude=("image_feature_layers",))
-            CustomContrastAdapterConfig.check_options({"image_feature_layers": self.image_feature_layers})
+            # Together: image_feature_layers must stay unset for an adapter that reads pooled image embeddings.
+            CustomContrastAdapterConfig.check_options(
+                {**self.adapter, "image_feature_layers": self.image_feature_layers}
+            )
         except ValueError as error:
             problems.append(str(error).rstrip("."))
         if problems:

@@ -78,6 +78,8 @@ def export_adapter(
 ) -> Path:
     """Write the adapter folder (adapter, image encoder copy, LoRA, model card) into ``output_dir``."""
     output_dir = Path(output_dir)
+    if config.s_plus_warmup_steps:  # trained with a ramp: the adapter loads with the S+ scale it reached
+        objective.adapter.record_s_plus_scale(objective.s_plus_scale(global_step))
     objective.adapter.save_pretrained(output_dir)
     if config.export_image_encoder:
         base.image_encoder.save_pretrained(output_dir / "image_encoder")

@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from ..conditioning import StepRecord, SubjectConditioning
+from ..conditioning import StepRecord, SubjectConditioning, SubjectOptions
 from ..loaders import injection
 from ..losses import (
     cscl_loss,
@@ -58,6 +58,7 @@ class ObjectiveSettings:
     macl_appearance_scaling: str = _TRAINING_DEFAULTS["macl_appearance_scaling"]
     cscl_init_logit_scale: float = _TRAINING_DEFAULTS["cscl_init_logit_scale"]
     snr_gamma: float | None = _TRAINING_DEFAULTS["snr_gamma"]
+    s_plus_warmup_steps: int = _TRAINING_DEFAULTS["s_plus_warmup_steps"]
 
     @classmethod
     def from_config(cls, config) -> ObjectiveSettings:
@@ -151,7 +152,17 @@ class CustomContrastObjective(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    def forward(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
+    def s_plus_scale(self, step: int) -> float:
+        """The S+ scale the UNet call of optimizer step ``step`` (counted from 0) uses: the adapter's ``s_plus_scale``
+        ramped linearly to 1 over ``s_plus_warmup_steps`` (the adapter's own with no warm-up)."""
+        start = self.adapter.adapter_config.s_plus_scale
+        warmup = self.settings.s_plus_warmup_steps
+        if warmup == 0:
+            return start
+        return start + (1.0 - start) * min(step / warmup, 1.0)
+
+    def forward(self, inputs: ObjectiveInputs, step: int = 0) -> ObjectiveOutput:
+        """Every loss term of one batch; ``step`` is the optimizer step it trains (for the S+ warm-up)."""
         settings = self.settings
         scheduler = self.noise_scheduler
         noisy_latents = scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
@@ -159,7 +170,10 @@ class CustomContrastObjective(nn.Module):
         # The reference tokens of every layer (with grad): the UNet call's subject and the contrastive losses' input.
         tokens = self.adapter(inputs.reference_features, inputs.timesteps)
         record = StepRecord()
-        subject = SubjectConditioning(tokens=tokens, record=record)
+        options = None
+        if settings.s_plus_warmup_steps:  # this step's S+ scale on every layer, in place of the adapter's
+            options = SubjectOptions(s_plus_scale=(self.s_plus_scale(step),) * self.adapter.num_layers)
+        subject = SubjectConditioning(tokens=tokens, record=record, options=options)
         model_pred = self.unet(
             noisy_latents,
             inputs.timesteps,

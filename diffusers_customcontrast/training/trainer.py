@@ -205,7 +205,8 @@ class _Run:
         self.data = build_training_data(config, index, reference_size=base.image_encoder.config.image_size)
         self.encoder = BatchEncoder(
             base,
-            feature_layers=adapter.config.image_feature_layers or [-2],
+            feature_layers=adapter.adapter_config.image_feature_layers,
+            image_input=adapter.adapter_config.image_input,
             resolution=config.resolution,
             dropout=ConditioningDropout(config.image_dropout, config.text_dropout, config.both_dropout),
             need_positives=config.use_macl,
@@ -326,7 +327,7 @@ class _Run:
                 )
                 inputs = self.encoder(batch, generator)
                 with accelerator.accumulate(self.objective):
-                    output = self.objective(inputs)
+                    output = self.objective(inputs, step=global_step)
                     step_nonfinite = step_nonfinite | ~torch.isfinite(output.loss.detach())
                     accelerator.backward(output.loss)  # on every process even when NaN: DDP reduces in backward
                     update = True

@@ -16,7 +16,12 @@ from safetensors.torch import save_file
 
 import diffusers_customcontrast as dcc
 from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
-from diffusers_customcontrast.loaders.convert import adapter_from_ip_adapter
+from diffusers_customcontrast.loaders.convert import (
+    CONVERTED_OPTIONS,
+    adapter_from_ip_adapter,
+    ip_adapter_state_dict,
+    split_ip_adapter_checkpoint,
+)
 from diffusers_customcontrast.losses import diffusion_target
 from diffusers_customcontrast.models.unet_layout import cross_attention_layout
 from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_sd15_pipeline, tiny_sdxl_pipeline
@@ -307,6 +312,66 @@ def test_a_converted_plain_ip_adapter_gives_ip_adapter_images(family, layout, tm
     assert np.abs(images - with_s_plus).max() < TOLERANCE
 
 
+# ---------------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("kind", ["plus", "plain"])
+def test_exporting_a_converted_adapter_gives_back_its_checkpoint(kind):
+    pipe = tiny_sd15_pipeline()
+    encoder = pipe.image_encoder
+    if kind == "plus":
+        checkpoint = plus_checkpoint(pipe.unet, encoder.config.hidden_size, seed=8)
+    else:
+        checkpoint = plain_checkpoint(pipe.unet, encoder.config.projection_dim, seed=8)
+    exported = ip_adapter_state_dict(adapter_from_ip_adapter(pipe.unet, checkpoint, encoder))
+    expected = flat(checkpoint)
+    assert sorted(exported) == sorted(expected)
+    assert all(torch.equal(exported[key], expected[key]) for key in expected)
+
+
+def test_a_trained_adapter_exports_to_an_ip_adapter_plus_that_diffusers_loads_and_that_converts_back(tmp_path):
+    """convert(export(adapter)) == adapter, and diffusers' load_ip_adapter of the export gives the adapter's images
+    (its added parts are no-ops: what the export holds is all it computes)."""
+    pipe = tiny_sd15_pipeline()
+    encoder = pipe.image_encoder
+    shape = {"hidden_size": 128, "num_heads": 2, "visual_depth": 4, "num_visual_tokens": 4}
+    adapter = dcc.CustomContrastAdapter.from_unet(
+        pipe.unet, encoder, **shape, num_textual_tokens=2, textual_depth=1, timestep_embed_dim=32, **CONVERTED_OPTIONS
+    )
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # "trained": every weight moved off its initial value, the added parts kept as no-ops
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        adapter.encoder.tv_fusion.proj.weight.zero_()
+        adapter.encoder.tv_fusion.proj.bias.zero_()
+        for layer in adapter.layers:
+            layer.location_gate.strength.zero_()
+    exported = ip_adapter_state_dict(adapter)
+
+    converted = adapter_from_ip_adapter(pipe.unet, exported, encoder)
+    assert {k: getattr(converted.adapter_config, k) for k in shape} == shape
+    visual, converted_visual = adapter.encoder.visual_qformer, converted.encoder.visual_qformer
+    assert torch.equal(visual.queries[1:], converted_visual.queries[1:])  # row 0, the visual CLS, is not exported
+    converted_weights = dict(converted_visual.named_parameters())
+    assert all(torch.equal(p, converted_weights[n]) for n, p in visual.named_parameters() if n != "queries")
+    for layer, converted_layer in zip(adapter.layers, converted.layers, strict=True):
+        assert torch.equal(layer.to_k_ip.weight, converted_layer.to_k_ip.weight)
+        assert torch.equal(layer.to_v_ip.weight, converted_layer.to_v_ip.weight)
+
+    image_proj, ip_adapter = split_ip_adapter_checkpoint(exported)
+    expected = _ip_adapter_images(tiny_sd15_pipeline(), {"image_proj": image_proj, "ip_adapter": ip_adapter})
+    adapter.save_pretrained(tmp_path / "trained")
+    differences = _customcontrast_differences(pipe, tmp_path / "trained", expected)
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+def test_an_adapter_with_other_than_64_wide_heads_is_not_exported():
+    pipe = tiny_sd15_pipeline()
+    adapter = dcc.CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, hidden_size=128, num_heads=4)
+    with pytest.raises(ValueError, match=r"64-wide Resampler heads, but this adapter's visual Q-Former has 4 heads"):
+        ip_adapter_state_dict(adapter)
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -374,6 +439,8 @@ def test_training_from_ip_adapter_starts_at_its_diffusion_loss(kind, tmp_path):
         checkpoint, inputs, features[:, None] if kind == "plus" else features, objective.noise_scheduler
     )
     assert abs(output.terms["diffusion"].item() - expected) < 1e-6 * expected
+    # What the run logs of the added parts: all shut at the first step.
+    assert all(output.terms[name] == 0 for name in ("s_plus_scale", "gate_strength", "tv_fusion_norm"))
 
     # The added parts open up from there: the diffusion loss has a gradient on the TV fusion's residual and on
     # every layer's gate strength, though both start as exact no-ops.

@@ -102,7 +102,8 @@ def test_gradients_reach_every_trainable_parameter_and_nothing_frozen(files, tmp
     base, objective, encoder = make_objective(config, lora=True)
     inputs = encoder(fixed_batch(files, 3), step_generator(0, 0, 0, 0))
     output = objective(inputs)
-    assert set(output.terms) == {"diffusion", "cscl", "macl", "location", "total", "logit_scale"}
+    logged = {"total", "logit_scale", "s_plus_scale", "gate_strength", "tv_fusion_norm"}
+    assert set(output.terms) == {"diffusion", "cscl", "macl", "location"} | logged
     output.loss.backward()
 
     trainable = {n: p for n, p in objective.named_parameters() if p.requires_grad}

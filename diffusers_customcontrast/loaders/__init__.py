@@ -1,6 +1,6 @@
 """Putting a CustomContrast adapter into diffusers: pipeline methods, attaching to a UNet, files, conversion, inputs."""
 
-from .convert import adapter_from_ip_adapter, load_ip_adapter_attention
+from .convert import adapter_from_ip_adapter, ip_adapter_state_dict, load_ip_adapter_attention
 from .injection import attach, detach
 from .pipeline import (
     encode_customcontrast_subjects,
@@ -19,6 +19,7 @@ __all__ = [
     "attach",
     "detach",
     "encode_customcontrast_subjects",
+    "ip_adapter_state_dict",
     "load_adapter",
     "load_customcontrast",
     "load_ip_adapter_attention",

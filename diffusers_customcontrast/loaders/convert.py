@@ -15,6 +15,9 @@ pooled embedding, with zeros as the negative, as they feed plain IP-Adapter. The
 layers' visual cross-attention. What CustomContrast adds starts as a no-op (TV fusion ``identity``, location gates
 open, S+ scale 0), so the converted adapter reproduces the IP-Adapter it comes from, and training starts from there.
 
+:func:`ip_adapter_state_dict` goes the other way: an adapter's IP-Adapter(-Plus) part as a checkpoint of the original
+flat layout, which diffusers' ``load_ip_adapter`` reads.
+
 Command line::
 
     python -m diffusers_customcontrast.convert --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -54,6 +57,22 @@ _RESAMPLER_KEYS = (
     (re.compile(r"^layers\.(\d+)\.0\.(norm1|norm2|to_q|to_kv|to_out)\.(weight|bias)$"), r"blocks.\1.\2.\3"),
     (re.compile(r"^layers\.(\d+)\.1\.([013])\.(weight|bias)$"), r"blocks.\1.ff.\2.\3"),
 )
+# The visual Q-Former's keys -> the original Resampler's: the inverse of _RESAMPLER_KEYS, for the export.
+_RESAMPLER_EXPORT_KEYS = (
+    (re.compile(r"^(proj_in|proj_out|norm_out)\.(weight|bias)$"), r"\1.\2"),
+    (re.compile(r"^blocks\.(\d+)\.(norm1|norm2|to_q|to_kv|to_out)\.(weight|bias)$"), r"layers.\1.0.\2.\3"),
+    (re.compile(r"^blocks\.(\d+)\.ff\.([013])\.(weight|bias)$"), r"layers.\1.1.\2.\3"),
+)
+
+
+def _renamed(key: str, patterns: tuple[tuple[re.Pattern, str], ...]) -> str | None:
+    """``key`` rewritten by the first of ``patterns`` that matches it; None when none does."""
+    return next((pattern.sub(repl, key) for pattern, repl in patterns if pattern.match(key)), None)
+
+
+def _attention_key(index: int, projection: str) -> str:
+    """The checkpoint key of cross-attention layer ``index``'s projection (1, 3, 5, ...: see the module docstring)."""
+    return f"{2 * index + 1}.{projection}.weight"
 
 
 def split_ip_adapter_checkpoint(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -181,9 +200,8 @@ def load_ip_adapter_attention(
     """
     _, weights = split_ip_adapter_checkpoint(_read_checkpoint(ip_adapter, weight_name, **hub_kwargs))
     for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True)):
-        key_id = 2 * index + 1
         for projection in ("to_k_ip", "to_v_ip"):
-            key = f"{key_id}.{projection}.weight"
+            key = _attention_key(index, projection)
             if key not in weights:
                 raise AdapterLoadError(
                     f"The IP-Adapter checkpoint has no 'ip_adapter.{key}' for layer {index} ('{name}'): it was made "
@@ -229,9 +247,7 @@ def load_resampler(adapter: CustomContrastAdapter, image_proj: Mapping[str, torc
     targets["latents"] = qformer.queries[1:].unsqueeze(0)
 
     def rename(key: str) -> str | None:
-        if key == "latents":
-            return key
-        return next((pattern.sub(repl, key) for pattern, repl in _RESAMPLER_KEYS if pattern.match(key)), None)
+        return key if key == "latents" else _renamed(key, _RESAMPLER_KEYS)
 
     _load_image_projection(targets, image_proj, rename, "IP-Adapter-Plus Resampler")
     return adapter
@@ -326,6 +342,49 @@ def adapter_from_ip_adapter(
     load_projection = load_linear_projection if kind == "IP-Adapter" else load_resampler
     load_projection(adapter, image_proj)
     return load_ip_adapter_attention(adapter, {"ip_adapter": ip_weights})
+
+
+@torch.no_grad()
+def ip_adapter_state_dict(adapter: CustomContrastAdapter) -> dict[str, torch.Tensor]:
+    """The adapter's IP-Adapter(-Plus) part as an original-layout checkpoint: the inverse of
+    :func:`adapter_from_ip_adapter`.
+
+    The flat layout of h94/IP-Adapter's ``.safetensors`` files, which diffusers' ``load_ip_adapter`` reads and
+    :func:`adapter_from_ip_adapter` converts back: ``image_proj.*`` (from a Resampler visual Q-Former, IP-Adapter-Plus's
+    Resampler without the visual CLS query; from a linear visual projection, plain IP-Adapter's ``proj`` and
+    ``norm``) and ``ip_adapter.{2i+1}.to_k_ip.weight`` / ``.to_v_ip.weight`` for cross-attention layer i. Write it
+    with ``safetensors.torch.save_file``. diffusers' loader builds Resamplers of depth 4 only (``visual_depth``).
+
+    The checkpoint computes what the adapter computes while everything CustomContrast adds is still a no-op (TV
+    fusion projection zero, location gates open, S+ scale 0): a converted adapter, or one trained with those parts
+    frozen. Otherwise it is the IP-Adapter inside the adapter, without what the added parts do.
+
+    Raises:
+        ValueError: the visual Q-Former's heads are not 64 wide (IP-Adapter-Plus checkpoints do not record the head
+            count, and every reader of them assumes 64-wide heads).
+    """
+    config = adapter.adapter_config
+    projection = adapter.encoder.visual_qformer
+    if config.visual_projection == "linear":
+        image_proj = dict(projection.proj.named_parameters("proj")) | dict(projection.norm.named_parameters("norm"))
+    else:
+        if config.hidden_size != config.num_heads * HEAD_DIM:
+            raise ValueError(
+                f"IP-Adapter-Plus checkpoints are read with {HEAD_DIM}-wide Resampler heads, but this adapter's visual "
+                f"Q-Former has {config.num_heads} heads of {config.hidden_size // config.num_heads}: export an adapter "
+                f"with num_heads = hidden_size / {HEAD_DIM}."
+            )
+        # The latents are the queries' rows 1..; row 0, the visual CLS, is CustomContrast's own.
+        image_proj = {"latents": projection.queries[1:].unsqueeze(0)}
+        for name, parameter in projection.named_parameters():
+            if name != "queries":
+                image_proj[_renamed(name, _RESAMPLER_EXPORT_KEYS)] = parameter
+    state_dict = {f"image_proj.{key}": value for key, value in image_proj.items()}
+    for index, layer in enumerate(adapter.layers):
+        for name in ("to_k_ip", "to_v_ip"):
+            state_dict[f"ip_adapter.{_attention_key(index, name)}"] = getattr(layer, name).weight
+    # Copies: safetensors writes only contiguous tensors that share no memory (the latents are a view).
+    return {key: value.detach().clone().contiguous() for key, value in state_dict.items()}
 
 
 def _family_of_width(width: int) -> str:

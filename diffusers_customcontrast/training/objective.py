@@ -210,7 +210,20 @@ class CustomContrastObjective(nn.Module):
         logged["total"] = loss.detach().float()
         if settings.use_cscl:
             logged["logit_scale"] = self.logit_scale.value.detach().float()
+        logged.update(self._added_parts(step, loss.device))
         return ObjectiveOutput(loss=loss, terms=logged)
+
+    @torch.no_grad()
+    def _added_parts(self, step: int, device: torch.device) -> dict[str, Tensor]:
+        """How open the parts CustomContrast adds to IP-Adapter are in this step, all 0 for an adapter converted from
+        one: the S+ scale in use, the location gates' strength in use (mean over layers) and the norm of the TV
+        fusion's output projection. Logged, they show a warm-started run opening them (docs/training.md)."""
+        gates = torch.stack([layer.location_gate.strength for layer in self.adapter.layers]).clamp(0.0, 1.0)
+        return {
+            "s_plus_scale": torch.tensor(self.s_plus_scale(step), device=device),
+            "gate_strength": gates.mean().float().to(device),
+            "tv_fusion_norm": self.adapter.encoder.tv_fusion.proj.weight.norm().float().to(device),
+        }
 
     def _cscl(self, visual_cls: Tensor, textual_cls: Tensor) -> Tensor:
         logit_scale = self.logit_scale()

@@ -80,8 +80,8 @@ def test_judge_recognises_unseen_subjects_and_their_attributes_in_any_scene(worl
     renders = [render_prompt(world, p) for p in photos]
     scores = score_world_images(renders, photos, judge, gallery, world)
     assert scores.identity_accuracy >= 0.8 and scores.controllability == 1.0
-    # Far above chance (colour 1/11, shape 1/10, texture 1/4) on subjects the judge never saw.
-    assert scores.color_accuracy >= 0.5 and scores.shape_accuracy >= 0.2 and scores.texture_accuracy >= 0.6
+    # Far above chance (colour sets 1/11 or less, shape 1/10, texture 1/4) on subjects the judge never saw.
+    assert scores.color_accuracy >= 0.9 and scores.shape_accuracy >= 0.2 and scores.texture_accuracy >= 0.6
     # The same images attributed to the wrong subjects score far lower.
     ids = [p.subject_id for p in photos]
     shifted = ids[3:] + ids[:3]

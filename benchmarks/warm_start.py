@@ -94,6 +94,7 @@ ADAPTER_SHAPE = {
 }
 DIFFUSION_ONLY = {"use_cscl": False, "use_macl": False, "use_location": False}
 OPENING = ("s_plus_scale", "gate_strength", "tv_fusion_norm")
+LOGGED = ("step", "diffusion", "cscl", "macl", "location", "total", *OPENING)  # per step in the json
 RUNS = ("warm start", "from scratch", "IP-Adapter-Plus continued")
 
 
@@ -378,6 +379,12 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path, window
     return path
 
 
+def columns(history: list[dict[str, float]], terms: tuple[str, ...]) -> dict[str, list[float]]:
+    """The per-step values of ``terms`` (those the run logged), one list each, to 5 significant digits."""
+    logged = [term for term in terms if term in history[0]]
+    return {term: [float(f"{entry[term]:.5g}") for entry in history] for term in logged}
+
+
 def base_model_commit() -> dict[str, Any]:
     """The last commit that changed the shipped base model, and whether the working tree differs from it."""
 
@@ -555,7 +562,10 @@ def main() -> None:
         "scores": world_scores,
         "times": times,
         "total": {"wall_s": time.perf_counter() - start_wall, "cpu_s": time.process_time() - start_cpu},
-        "histories": {"IP-Adapter-Plus training": ip_history, **histories},
+        "histories": {
+            "IP-Adapter-Plus training": columns(ip_history, ("step", "diffusion")),
+            **{name: columns(history, LOGGED) for name, history in histories.items()},
+        },
     }
     figure = plot_curves(histories, output_dir / "warm_start.png", budget.curve_window)
     (output_dir / "warm_start.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

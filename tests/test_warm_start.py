@@ -31,8 +31,8 @@ def test_the_warm_start_benchmark_starts_at_ip_adapter_plus_and_opens_the_added_
 
     opening = ("s_plus_scale", "gate_strength", "tv_fusion_norm")
     warm = result["histories"]["warm start"]
-    assert all(warm[0][name] == 0 for name in opening)  # shut at step 1
-    assert all(warm[-1][name] > 0 for name in opening)  # opened by the last
+    assert all(warm[name][0] == 0 for name in opening)  # shut at step 1
+    assert all(warm[name][-1] > 0 for name in opening)  # opened by the last
     continued = result["histories"]["IP-Adapter-Plus continued"]
-    assert all(entry[name] == 0 for entry in continued for name in opening)  # frozen: IP-Adapter-Plus throughout
+    assert all(value == 0 for name in opening for value in continued[name])  # frozen: IP-Adapter-Plus throughout
     assert set(result["scores"]) >= {"base model (no subject)", "IP-Adapter-Plus (diffusers' load_ip_adapter)"}

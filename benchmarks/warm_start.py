@@ -448,6 +448,7 @@ def main() -> None:
     times: dict[str, dict[str, float]] = {}
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     machine = machine_info()
+    base_model = base_model_commit()
 
     with phase(times, "world"):
         world = write_world(
@@ -530,7 +531,7 @@ def main() -> None:
 
     result = {
         "machine": machine,
-        "base_model": base_model_commit(),
+        "base_model": {**base_model, "changed_during_run": base_model_commit()["commit"] != base_model["commit"]},
         "budget": {
             "ip_adapter_steps": budget.ip_adapter_steps,
             "steps": budget.steps,

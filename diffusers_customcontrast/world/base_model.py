@@ -83,7 +83,7 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """A small CLIP text encoder over the byte-level vocabulary."""
+    """A small CLIP text encoder over the whole-word vocabulary of ``tokenizer`` (see :func:`build_tokenizer`)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,

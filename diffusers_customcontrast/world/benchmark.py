@@ -87,7 +87,7 @@ class BenchmarkSettings:
     variants: tuple[str, ...] = tuple(ABLATIONS)
     seeds: tuple[int, ...] = (0, 1, 2)
     workers: int = 2
-    max_train_steps: int = 400
+    max_train_steps: int = 2000
     num_train_subjects: int = 300
     num_heldout_subjects: int = 50
     frames_per_subject: int = 8

@@ -29,7 +29,7 @@ public IP-Adapter-Plus exists for the world's base model, so this script trains 
 Writes ``<output_dir>/warm_start.json`` and ``warm_start.png``. A full run (neither ``--quick`` nor ``--smoke``) also
 writes ``benchmarks/results/warm_start.json`` and ``docs/images/warm_start.png``, the figure in docs/training.md.
 
-    python benchmarks/warm_start.py --threads 1                   # the documented run (about 30 min on one core)
+    python benchmarks/warm_start.py --threads 1                   # the documented run (about 15 min on one core)
     python benchmarks/warm_start.py --threads 1 --quick           # fewer steps and subjects (development)
     python benchmarks/warm_start.py --smoke --output_dir /tmp/ws  # seconds: a tiny world (what the test runs)
 """

@@ -138,7 +138,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="skip training and use a trained adapter folder (without a value: the one shipped with the package)",
     )
-    parser.add_argument("--max_train_steps", type=int, default=500, help="adapter training steps")
+    parser.add_argument("--max_train_steps", type=int, default=1000, help="adapter training steps")
     parser.add_argument("--eval_subjects", type=int, default=12, help="held-out subjects to generate")
     parser.add_argument("--scenes_per_subject", type=int, default=4, help="prompted scenes per subject (last: sketch)")
     parser.add_argument("--num_inference_steps", type=int, default=10, help="DDIM steps per image")

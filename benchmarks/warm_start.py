@@ -249,21 +249,9 @@ def ip_adapter_pipeline(checkpoint: Path):
 
 
 def float_images(pipe, world: World, prompts: list[WorldPrompt], settings: BenchmarkSettings) -> np.ndarray:
-    """The prompts' images in float32 [0, 1] (before the 8-bit rounding of PIL images), one call per subject."""
-    images = []
-    for subject_id in dict.fromkeys(p.subject_id for p in prompts):
-        group = [p for p in prompts if p.subject_id == subject_id]
-        images.append(
-            pipe(
-                [p.prompt for p in group],
-                ip_adapter_image=world.reference_image(subject_id),
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=[torch.Generator().manual_seed(p.seed) for p in group],
-                output_type="np",
-            ).images
-        )
-    return np.concatenate(images)
+    """The prompts' images in float32 [0, 1] (before the 8-bit rounding of PIL images)."""
+    generation = {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale}
+    return np.stack(generate_world_images(pipe, world, prompts, progress=False, output_type="np", **generation))
 
 
 def export_check(

@@ -132,22 +132,27 @@ def generate_world_images(
     guidance_scale: float = 4.0,
     progress: bool = True,
     use_subject: bool = True,
-) -> list[Image.Image]:
+    output_type: str = "pil",
+) -> list:
     """Generate one image per prompt with its subject's reference (:meth:`World.reference_image`), one call per subject.
 
     One call per subject because diffusers' pipelines give every prompt of a call the same subject image.
-    ``use_subject=False`` generates without one (a pipeline with no adapter loaded: the base model).
+    ``use_subject=False`` generates without one (a pipeline with no adapter loaded: the base model). ``output_type``
+    is the pipeline's: ``"pil"`` images, or ``"np"`` float arrays in [0, 1] (before 8-bit rounding).
     """
-    images: list[Image.Image] = []
+    images: list = []
     for subject_id, group in tqdm(_by_subject(prompts), desc="generating", disable=not progress, leave=False):
         subject = {"ip_adapter_image": world.reference_image(subject_id)} if use_subject else {}
-        images += pipe(
-            [p.prompt for p in group],
-            **subject,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator().manual_seed(p.seed) for p in group],
-        ).images
+        images.extend(
+            pipe(
+                [p.prompt for p in group],
+                **subject,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator().manual_seed(p.seed) for p in group],
+                output_type=output_type,
+            ).images
+        )
     return images
 
 

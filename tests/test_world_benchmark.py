@@ -242,7 +242,9 @@ def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, m
     assert "loss_cscl" in results["runs"]["full"] and "loss_cscl" not in results["runs"]["self_reconstruction"]
     for name in ("results.json", "results.md", "tradeoff.png", "loss_curves.png", "samples.png"):
         assert (tmp_path / name).is_file(), name
-    assert "| self_reconstruction |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| self_reconstruction |" in report
+    assert "| S+ retrieval per layer | layer 0 |" in report and "layer 6 |" in report and "layer 7 |" not in report
 
     # A second invocation reuses the stored runs and trains only the new one (once per seed).
     trained = []

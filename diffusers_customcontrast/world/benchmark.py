@@ -64,7 +64,7 @@ from .intervals import bootstrap_intervals, interval
 from .judge import load_world_judge
 from .metrics import SubjectGallery
 from .recipe import ABLATIONS, world_training_config
-from .report import image_grid, intervals_table, plot_intervals_tradeoff, plot_loss_curves
+from .report import image_grid, intervals_table, per_layer_table, plot_intervals_tradeoff, plot_loss_curves
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +434,10 @@ def _write_report(
         [
             intervals_table(rows, extra=(("S+ retrieval", "s_plus_retrieval"),)),
             intervals_table(sweeps, first_column="run @ scale"),
+            per_layer_table(
+                [(name, run["s_plus_retrieval_per_layer"]) for name, run in results["runs"].items()],
+                first_column="S+ retrieval per layer",
+            ),
         ]
     )
     (output_dir / "results.md").write_text(table + "\n", encoding="utf-8")

@@ -139,6 +139,17 @@ def intervals_table(
     ).rstrip("\n")
 
 
+def per_layer_table(rows: Sequence[tuple[str, Sequence[float]]], first_column: str = "run") -> str:
+    """A markdown table of one fraction per cross-attention layer: a row per (name, values), a column per layer."""
+    columns = [(f"layer {i}", i) for i in range(max(len(values) for _, values in rows))]
+    return markdown_table(
+        [(name, dict(enumerate(values))) for name, values in rows],
+        columns,
+        first_column=first_column,
+        formatter=lambda value: "-" if value is None else f"{value:.3f}",
+    ).rstrip("\n")
+
+
 def _interval_cell(value: Any) -> str:
     if not isinstance(value, Mapping):
         return "-"

@@ -182,7 +182,10 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         if use_s_plus:
             s_plus_context = s_plus.flatten(1, 2)
             # log(beta g): each S+ token's attention weight at a pixel times beta and the subject's presence there.
-            s_plus_bias = torch.log(region * s_plus_scale).repeat_interleave(num_tokens, dim=-1)[:, None]
+            # A gate that underflows to 0 is raised to the smallest normal number: log(0) = -inf gives the same
+            # attention (weight 0) but a NaN gradient (0 * inf), which in training poisons every weight at once.
+            gate = (region * s_plus_scale).clamp_min(torch.finfo(region.dtype).tiny)
+            s_plus_bias = torch.log(gate).repeat_interleave(num_tokens, dim=-1)[:, None]
         if use_visual:
             value = self._split_subject_heads(self.to_v_ip[0](visual_tokens.to(query.dtype)), attn.heads)
             weights = region * torch.tensor(scales, dtype=region.dtype, device=region.device)  # lambda g, [B, N, n]

@@ -399,6 +399,25 @@ def test_a_nan_loss_skips_the_update_and_is_counted(files, tmp_path, monkeypatch
     assert "| steps skipped for a non-finite loss | 2 |" in (out / "README.md").read_text()
 
 
+def test_a_finite_loss_with_a_nan_gradient_skips_the_update(files, tmp_path, monkeypatch):
+    original = CustomContrastObjective.forward
+    counter = itertools.count(1)
+
+    def forward(self, inputs, step=0):
+        output = original(self, inputs, step)
+        if next(counter) == 2:  # sqrt(0 * loss) is 0, its gradient inf * 0 = NaN
+            return ObjectiveOutput(output.loss + torch.sqrt(output.loss * 0.0), output.terms)
+        return output
+
+    monkeypatch.setattr(CustomContrastObjective, "forward", forward)
+    out = tmp_path / "out"
+    result = train(run_config(files, out, train_data=str(files["clean"]), max_train_steps=3))
+    assert all(torch.isfinite(torch.tensor(e["total"])) for e in result.loss_history)
+    assert [e["nonfinite"] for e in result.loss_history] == [0, 1, 0] and result.nonfinite_steps == 1
+    assert same_tensors(trainable_state(out / "checkpoint-2"), trainable_state(out / "checkpoint-1"))
+    assert all(torch.isfinite(t).all() for t in load_file(out / WEIGHTS).values())
+
+
 def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_checkpoint(files, tmp_path, monkeypatch):
     monkeypatch.setattr(CustomContrastObjective, "forward", _nan_at(from_call=3))
     out = tmp_path / "out"

@@ -121,6 +121,22 @@ def test_gradients_reach_every_trainable_parameter_and_nothing_frozen(files, tmp
     assert {f"adapter.{n}" for n, _ in objective.adapter.named_parameters()} <= set(trainable)
 
 
+def test_a_location_gate_that_underflows_to_zero_keeps_every_gradient_finite(files, tmp_path):
+    """A trained location head can push its sigmoid to exactly 0 (seen after ~1,400-1,900 steps on the world):
+    the S+ bias log(0) = -inf then gave a finite loss but NaN gradients, which corrupted every weight at once."""
+    config = tiny_config(files, tmp_path)
+    _, objective, encoder = make_objective(config)
+    with torch.no_grad():
+        for layer in objective.adapter.layers:
+            layer.location.affine.bias.copy_(torch.tensor([1.0, -200.0]))  # sigmoid(-200) == 0 in float32
+            layer.location_gate.strength.fill_(1.0)  # the gate is the map itself
+    output = objective(encoder(fixed_batch(files, 3), step_generator(0, 0, 0, 0)))
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    bad = [n for n, p in objective.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert bad == []
+
+
 def test_image_dropout_rows_are_blank_and_left_out_of_the_subject_losses(files, tmp_path):
     config = tiny_config(files, tmp_path)
     base, objective, _ = make_objective(config)

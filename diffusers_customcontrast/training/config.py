@@ -190,8 +190,8 @@ class TrainingConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     max_consecutive_nonfinite: int = _f(
         5,
-        "A step whose loss is NaN or infinite is skipped (no update); this many in a row stop the run with an error "
-        "(the last checkpoint holds the last good weights).",
+        "A step whose loss (or, with max_grad_norm on, gradient norm) is NaN or infinite is skipped (no update); "
+        "this many in a row stop the run with an error (the last checkpoint holds the last good weights).",
     )
     mixed_precision: str | None = _f(
         None, "'no', 'fp16' or 'bf16' (frozen modules in that dtype, trainables fp32); default: accelerate's config."

@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +327,12 @@ class _Run:
                         faults = agree_on_step(accelerator, self.stop.requested, step_nonfinite, step_skipped)
                         update = not faults.nonfinite
                         if update and config.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                            norm = accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                            # A finite loss can still have a NaN / inf gradient; the norm is global (gradients
+                            # are reduced before clipping), so every process skips the same step.
+                            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                                faults = replace(faults, nonfinite=True)
+                                update = False
                     if update:  # between accumulation boundaries both are no-ops (accelerate)
                         self.optimizer.step()
                         self.lr_scheduler.step()
@@ -401,7 +406,7 @@ class _Run:
         progress.nonfinite_steps += 1
         progress.consecutive_nonfinite += 1
         logger.warning(
-            "Step %d: the loss is not finite (NaN or infinite): the step is skipped, with no update (%d in a row, "
+            "Step %d: the loss or its gradient is not finite (NaN or infinite): the step is skipped, with no update (%d in a row, "
             "the run stops at %d).",
             global_step,
             progress.consecutive_nonfinite,
@@ -413,7 +418,7 @@ class _Run:
         checkpoints = list_checkpoints(self.output_dir, complete_only=True)
         latest = f"{checkpoints[-1]} (step {checkpoint_step(checkpoints[-1])})" if checkpoints else "none was saved"
         raise NonFiniteLossError(
-            f"The loss was NaN or infinite at {count} optimizer steps in a row (steps {step - count + 1} to {step}; "
+            f"The loss or its gradient was NaN or infinite at {count} optimizer steps in a row (steps {step - count + 1} to {step}; "
             f"max_consecutive_nonfinite={self.config.max_consecutive_nonfinite}): stopping. Those steps made no "
             f"update, so the weights are the last good ones; latest checkpoint: {latest}. Lower the learning rate, "
             "keep max_grad_norm on, or check the data and mixed precision, then resume with "

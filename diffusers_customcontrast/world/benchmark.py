@@ -158,8 +158,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     world = _world(output_dir / "world", settings)
     runs = settings.runs()
+    # Seed-major, so that a benchmark cut off part-way has every run for its first seeds (``--seeds`` reports them).
     jobs = [(None, {}, seed) for seed in settings.seeds]
-    jobs += [(name, overrides, seed) for name, overrides in runs.items() for seed in settings.seeds]
+    jobs += [(name, overrides, seed) for seed in settings.seeds for name, overrides in runs.items()]
     _run_jobs(settings, jobs)
 
     judge = load_world_judge()
@@ -220,8 +221,13 @@ def _run_jobs(settings: BenchmarkSettings, jobs: list[tuple[str | None, dict[str
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
         futures = [pool.submit(_job, settings, *job) for job in jobs]
-        for future in tqdm(futures, desc="benchmark jobs"):
-            future.result()
+        try:
+            for future in tqdm(futures, desc="benchmark jobs"):
+                future.result()
+        except BaseException:
+            # Without this the pool would run every queued job (hours) before the error reached the user.
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any], seed: int) -> None:

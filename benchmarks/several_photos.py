@@ -9,8 +9,9 @@ gallery leaves out the first 5 frames, so that no reference photo is what scores
     python benchmarks/several_photos.py --world path/to/world --adapter path/to/world-adapter \\
         --photos 1 3 5 --combine concat mean --output benchmarks/results/several_photos.json
 
-Needs an adapter trained on the world (``python -m diffusers_customcontrast.world.benchmark`` trains them; about an
-hour of CPU per run) and a world written with at least 5 frames per subject (``write_world``).
+Needs an adapter trained on the world (the shipped one is ``world.recipe.WORLD_ADAPTER_DIR``;
+``python -m diffusers_customcontrast.world.benchmark`` trains others, about 10 minutes of one CPU thread per run) and a
+world written with at least 5 frames per subject (``write_world``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -262,3 +266,48 @@ def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, m
     trained.clear()
     benchmark.main(["--smoke", "--output_dir", str(tmp_path), "--variants", "full"])
     assert [Path(p).relative_to(tmp_path).as_posix() for p in trained] == ["runs/full/seed_0"]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_sigterm_to_the_benchmark_stops_its_worker_processes_too(tmp_path: Path):
+    command = [sys.executable, "-m", "diffusers_customcontrast.world.benchmark", "--smoke", "--workers", "2"]
+    proc = subprocess.Popen(
+        [*command, "--output_dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the smoke benchmark ended before its workers could be seen"
+    time.sleep(2)  # the workers are importing or at work: a stop must reach them either way
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"Stopped on SIGTERM; run the same command again to resume." in stderr
+    time.sleep(1)
+    running = [
+        pid for pid in workers if Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert running == [], "worker processes went on after the benchmark stopped"
+
+
+def test_the_documented_benchmark_results_cover_every_run_with_three_seeds_and_intervals():
+    """docs/world_benchmark/results.json is what docs/world_benchmark.md's tables are written from."""
+    results = json.loads((Path(__file__).parent.parent / "docs" / "world_benchmark" / "results.json").read_text())
+    assert results["seeds"] == 3 and set(results["runs"]) == set(ABLATIONS)
+    metrics = ("identity_acc", "shape_acc", "colour_acc", "texture_acc", "controllability", "similarity")
+    for row in (*results["runs"].values(), results["real_renders"], results["base_model"]):
+        for name in metrics:
+            assert row[name]["low"] <= row[name]["mean"] <= row[name]["high"], name
+    assert {"self_reconstruction", "full"} <= set(results["sweeps"])

@@ -34,7 +34,6 @@ import logging
 import multiprocessing
 import re
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from .. import CustomContrastAdapter, load_customcontrast, set_customcontrast_sc
 from ..loaders import WEIGHTS_NAME
 from ..training import TrainingConfig, train
 from ..training.export import LOSS_HISTORY_NAME, LossHistory
+from ..training.faults import StopRequest
 from ..training.trainer import TRAINING_CONFIG_NAME
 from .base_model import load_synthetic_base
 from .dataset import World, load_world, write_world
@@ -87,7 +87,7 @@ class BenchmarkSettings:
     variants: tuple[str, ...] = tuple(ABLATIONS)
     seeds: tuple[int, ...] = (0, 1, 2)
     workers: int = 2
-    max_train_steps: int = 2000
+    max_train_steps: int = 1200
     num_train_subjects: int = 300
     num_heldout_subjects: int = 50
     frames_per_subject: int = 8
@@ -217,17 +217,20 @@ def _run_jobs(settings: BenchmarkSettings, jobs: list[tuple[str | None, dict[str
         for job in tqdm(jobs, desc="benchmark jobs"):
             _job(settings, *job)
         return
-    # spawn, not fork: a forked child would inherit this process's torch threads and accelerate state.
+    # spawn, not fork: a forked child would inherit this process's torch threads and accelerate state. A Pool, not a
+    # ProcessPoolExecutor: leaving its block terminates the workers (SIGTERM, so a training saves its checkpoint),
+    # where an executor would finish every running and queued job (hours) before an error or a stop reached the user.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
-        futures = [pool.submit(_job, settings, *job) for job in jobs]
-        try:
-            for future in tqdm(futures, desc="benchmark jobs"):
-                future.result()
-        except BaseException:
-            # Without this the pool would run every queued job (hours) before the error reached the user.
-            pool.shutdown(cancel_futures=True)
-            raise
+    with StopRequest() as stop, context.Pool(settings.workers) as pool:
+        pending = [pool.apply_async(_job, (settings, *job)) for job in jobs]
+        for result in tqdm(pending, desc="benchmark jobs"):
+            while not (result.ready() or stop.requested):
+                result.wait(timeout=1.0)
+            if stop.requested:
+                break
+            result.get()
+    if stop.requested:
+        raise SystemExit(f"Stopped on {stop.received}; run the same command again to resume.")
 
 
 def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any], seed: int) -> None:

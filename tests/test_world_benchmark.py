@@ -268,38 +268,45 @@ def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, m
     assert [Path(p).relative_to(tmp_path).as_posix() for p in trained] == ["runs/full/seed_0"]
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (read from /proc)."""
+def _pool_workers(pid: int) -> list[int]:
+    """The multiprocessing pool workers whose parent is ``pid`` (read from /proc; the resource tracker is not one)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if parent == pid:
+        if parent == pid and b"spawn_main" in command:
             found.append(int(stat.parent.name))
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie's cmdline reads empty)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
+
+
 def test_sigterm_to_the_benchmark_stops_its_worker_processes_too(tmp_path: Path):
     command = [sys.executable, "-m", "diffusers_customcontrast.world.benchmark", "--smoke", "--workers", "2"]
     proc = subprocess.Popen(
         [*command, "--output_dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
-    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while len(workers := _pool_workers(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert proc.poll() is None, "the smoke benchmark ended before its workers could be seen"
+    assert proc.poll() is None and len(workers) == 2, "the smoke benchmark's two workers were never seen"
     time.sleep(2)  # the workers are importing or at work: a stop must reach them either way
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and b"Stopped on SIGTERM; run the same command again to resume." in stderr
-    time.sleep(1)
-    running = [
-        pid for pid in workers if Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    assert running == [], "worker processes went on after the benchmark stopped"
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "worker processes went on after the benchmark stopped"
 
 
 def test_the_documented_benchmark_results_cover_every_run_with_three_seeds_and_intervals():

@@ -290,6 +290,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
 def test_sigterm_to_the_benchmark_stops_its_worker_processes_too(tmp_path: Path):
     command = [sys.executable, "-m", "diffusers_customcontrast.world.benchmark", "--smoke", "--workers", "2"]
     proc = subprocess.Popen(

@@ -1,7 +1,8 @@
 """CustomContrast (AAAI 2025) subject-driven text-to-image customization as a plugin for Hugging Face diffusers.
 
-Importing the package adds ``load_customcontrast``, ``unload_customcontrast`` and ``set_customcontrast_scale`` to
-every diffusers pipeline::
+Importing the package adds ``load_customcontrast``, ``unload_customcontrast``, ``set_customcontrast_scale`` and
+``encode_customcontrast_subjects`` to every diffusers pipeline that can take a subject image (those with
+``IPAdapterMixin``, each with a UNet), and changes nothing else in diffusers::
 
     import diffusers_customcontrast
     pipe.load_customcontrast("org/customcontrast-sd15")

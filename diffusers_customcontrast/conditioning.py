@@ -9,19 +9,17 @@ processor reads its own layer's slice. Nothing about a call is kept on the UNet 
 threads, under ``torch.inference_mode``, behind accelerate's offload hooks or inside ``torch.compile`` cannot see
 each other's subject.
 
-Location maps come back in a :class:`StepRecord` that belongs to one call: the caller passes one (training does), or
-:func:`recording` opens a :class:`SubjectRecording` that gets one record per UNet call made inside a ``with`` block
-(per thread and per asyncio task: a context variable).
+Location maps come back explicitly, in the call's own arguments: a :class:`StepRecord` that belongs to one UNet call
+(training passes one), or a :class:`SubjectRecording` passed in the call's options (``SubjectOptions(recording=...)``),
+which gets one record per UNet call of the generation. Nothing is found through global or context state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +33,6 @@ __all__ = [
     "SubjectConditioning",
     "SubjectOptions",
     "SubjectRecording",
-    "active_recordings",
-    "recording",
 ]
 
 LayerScale = float | list[float]  # one value for every subject image, or one per subject
@@ -60,13 +56,26 @@ class SubjectOptions:
         image_context: the timestep-independent half of the encoding of the call's subject features
             (``adapter.encoder.encode_image`` of them, rows batch x subjects), computed once for a generation so
             that each step runs only the other half.
+        recording: where each UNet call of the generation puts its :class:`StepRecord` (tokens and location maps),
+            or a tuple of them; ``None`` records nothing.
+
+    ``scale`` and ``s_plus_scale`` may be given as ``set_customcontrast_scale`` takes them (a float, a per-block dict
+    or a per-layer list); the UNet call checks and expands them to one value per layer before any layer runs.
     """
 
-    scale: tuple[LayerScale, ...] | None = None
-    s_plus_scale: tuple[float, ...] | None = None
+    scale: Any = None
+    s_plus_scale: Any = None
     start: float | None = None
     end: float | None = None
     image_context: ImageContext | None = None
+    recording: SubjectRecording | tuple[SubjectRecording, ...] | None = None
+
+    @property
+    def recordings(self) -> tuple[SubjectRecording, ...]:
+        """``recording`` as a tuple (empty for none)."""
+        if self.recording is None:
+            return ()
+        return self.recording if isinstance(self.recording, tuple) else (self.recording,)
 
 
 @dataclass
@@ -83,11 +92,14 @@ class StepRecord:
     location_maps: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)
 class SubjectRecording:
-    """The :class:`StepRecord` of every call of ``unet`` made inside a :func:`recording` block, in call order."""
+    """The :class:`StepRecord` of every UNet call it was passed to (``SubjectOptions(recording=...)``), in call order.
 
-    unet: nn.Module
+    ``unet`` is informative (the UNet :func:`~diffusers_customcontrast.record_customcontrast` opened it for).
+    """
+
+    unet: nn.Module | None = None
     steps: list[StepRecord] = field(default_factory=list)
 
     @property
@@ -99,31 +111,6 @@ class SubjectRecording:
     def tokens(self) -> SubjectTokens | None:
         """The tokens of the last call."""
         return self.steps[-1].tokens if self.steps else None
-
-
-_RECORDINGS: ContextVar[tuple[SubjectRecording, ...]] = ContextVar("customcontrast_recordings", default=())
-
-
-@contextmanager
-def recording(unet: nn.Module) -> Iterator[SubjectRecording]:
-    """Record every call of ``unet`` made by this thread (or task) inside the block."""
-    opened = SubjectRecording(unet)
-    token = _RECORDINGS.set((*_RECORDINGS.get(), opened))
-    try:
-        yield opened
-    finally:
-        _RECORDINGS.reset(token)
-
-
-def active_recordings(unet: nn.Module) -> list[SubjectRecording]:
-    """The recordings open for ``unet`` in this thread (or task).
-
-    Always none while ``torch.compile`` traces the call: dynamo cannot read a context variable, so a compiled UNet's
-    calls are recorded only through a record passed in the call (:class:`SubjectConditioning`).
-    """
-    if torch.compiler.is_compiling():
-        return []
-    return [opened for opened in _RECORDINGS.get() if opened.unet is unet]
 
 
 @dataclass

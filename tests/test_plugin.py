@@ -215,8 +215,9 @@ def test_t2i_adapter_pipelines(sdxl_pipe, sd15_pipe, subject_image):
     sd15_t2i = StableDiffusionAdapterPipeline(
         **components, adapter=t2i_adapter(downscale_factor=2), feature_extractor=None
     )
+    assert not hasattr(sd15_t2i, "load_customcontrast")  # importing the package adds nothing where it cannot work
     with pytest.raises(ValueError, match="StableDiffusionAdapterPipeline has no IP-Adapter support"):
-        sd15_t2i.load_customcontrast(tiny_adapter(sd15_pipe))
+        dcc.load_customcontrast(sd15_t2i, tiny_adapter(sd15_pipe))
 
 
 def test_sdxl_img2img(sdxl_pipe, subject_image):

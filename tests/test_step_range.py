@@ -1,6 +1,8 @@
-"""The subject's step range (issue 14): ``set_customcontrast_scale(..., start=, end=)`` and the community pipelines'
-``subject_start=`` / ``subject_end=``, counted in the scheduler's steps (Heun's two calls a step, PNDM's doubled
-first step, img2img's strength), the base model's steps bit for bit outside the range."""
+"""The subject's step range (issues 14, 28): ``set_customcontrast_scale(..., start=, end=)`` and the community
+pipelines' ``subject_start=`` / ``subject_end=``, decided from the noise level each UNet call receives (its timestep,
+as ComfyUI's start_at / end_at), with nothing from the pipeline: five schedulers (Heun's two calls a step, PNDM's
+doubled first step), img2img's strength, the UNet called directly; the base model's calls bit for bit before the
+range starts."""
 
 from __future__ import annotations
 
@@ -33,14 +35,22 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,
     "dpm++": DPMSolverMultistepScheduler,
 }
-# The step (0..STEPS-1) of each UNet call: Heun's steps call the UNet twice, its last one once; PNDM's first twice.
-CALL_STEPS = {
-    "ddim": [0, 1, 2, 3],
-    "euler": [0, 1, 2, 3],
-    "heun": [0, 0, 1, 1, 2, 2, 3],
-    "pndm": [0, 0, 1, 2, 3],
-    "dpm++": [0, 1, 2, 3],
+# The timestep of each UNet call of a 4-step generation of the tiny pipeline (DDIM and PNDM: "leading" spacing, the
+# others their own default): Heun's steps call the UNet twice (the second call at the next step's timestep), its last
+# one once; PNDM's first step twice.
+CALL_TIMESTEPS = {
+    "ddim": [751, 501, 251, 1],
+    "euler": [999, 666, 333, 0],
+    "heun": [999, 666, 666, 333, 333, 0, 0],
+    "pndm": [751, 501, 501, 251, 1],
+    "dpm++": [999, 749, 500, 250],
 }
+
+
+def in_range(timestep: int, start: float, end: float) -> bool:
+    """The documented rule: the call's noise position 1 - t / 1000 lies in [start, end) (end = 1 included)."""
+    position = 1 - timestep / 1000
+    return start <= position and (position < end or end == 1)
 
 
 def pipeline(scheduler: str = "ddim"):
@@ -88,12 +98,14 @@ def test_start_half_way_keeps_the_base_models_first_half_bit_for_bit(scheduler):
     pipe.set_customcontrast_scale(1.0, start=0.5)
     second_half = latents_after_each_call(pipe, ip_adapter_image=SUBJECT)
 
-    steps = CALL_STEPS[scheduler]
-    assert len(base) == len(second_half) == len(steps)
-    for call, step in enumerate(steps):
-        if step < STEPS // 2:
+    timesteps = CALL_TIMESTEPS[scheduler]
+    assert len(base) == len(second_half) == len(timesteps)
+    first_active = next(call for call, t in enumerate(timesteps) if in_range(t, 0.5, 1.0))
+    assert 0 < first_active < len(timesteps)
+    for call in range(len(timesteps)):
+        if call < first_active:
             torch.testing.assert_close(second_half[call], base[call], rtol=0, atol=0)
-            assert not torch.equal(full[call], base[call])  # the subject acts on these steps when not held back
+            assert not torch.equal(full[call], base[call])  # the subject acts on these calls when not held back
         else:
             assert not torch.equal(second_half[call], base[call])
 
@@ -104,12 +116,29 @@ def test_the_adapter_runs_on_the_steps_in_range_only(scheduler, start, end):
     pipe = pipeline(scheduler)
     pipe.load_customcontrast(tiny_adapter(pipe))
     pipe.set_customcontrast_scale(1.0, start=start, end=end)
-    expected = [start <= step / STEPS < end for step in CALL_STEPS[scheduler]]
-    assert active_calls(pipe) == expected
+    with dcc.record_customcontrast(pipe) as recording:
+        latents_after_each_call(pipe, ip_adapter_image=SUBJECT)
+    assert [int(step.timesteps[0]) for step in recording.steps] == CALL_TIMESTEPS[scheduler]
+    expected = [in_range(t, start, end) for t in CALL_TIMESTEPS[scheduler]]
+    assert [step.tokens is not None for step in recording.steps] == expected
+    assert any(expected) and not all(expected)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
+@pytest.mark.parametrize(("start", "end"), [(0.5, 1.0), (0.0, 0.5), (0.25, 0.75)])
+def test_one_call_a_step_schedulers_act_on_the_fraction_of_steps(scheduler, start, end):
+    """With one UNet call a step and evenly spaced timesteps the range is, as before, about that fraction of the
+    steps: step i of N acts when start <= i / N < end."""
+    pipe = pipeline(scheduler)
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(1.0, start=start, end=end)
+    assert active_calls(pipe) == [start <= step / STEPS < end for step in range(STEPS)]
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "heun"])
-def test_img2img_counts_the_steps_its_strength_leaves(scheduler):
+def test_img2img_strength_starts_part_way_along_the_noise_levels(scheduler):
+    """strength 0.5 starts at noise position about 0.5: start = 0.5 acts on every step it runs, start = 0.75 on the
+    calls at timesteps below 250 only, and the calls before are the base model's bit for bit."""
     pipe = pipeline(scheduler)
     image = make_subject_image(3)
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
@@ -118,12 +147,17 @@ def test_img2img_counts_the_steps_its_strength_leaves(scheduler):
     pipe.load_customcontrast(tiny_adapter(pipe))
     img2img.set_customcontrast_scale(1.0, start=0.5)  # from_pipe shares the adapter
     with dcc.record_customcontrast(img2img) as recording:
+        latents_after_each_call(img2img, image=image, ip_adapter_image=SUBJECT)
+    assert all(step.tokens is not None for step in recording.steps)
+    img2img.set_customcontrast_scale(start=0.75)
+    with dcc.record_customcontrast(img2img) as recording:
         held_back = latents_after_each_call(img2img, image=image, ip_adapter_image=SUBJECT)
-    # strength 0.5 of 2 * STEPS steps: STEPS steps run, the range counts them from 0.
-    steps = CALL_STEPS[scheduler]
-    assert [step.tokens is not None for step in recording.steps] == [step >= STEPS // 2 for step in steps]
-    for call, step in enumerate(steps):
-        if step < STEPS // 2:
+    timesteps = [int(step.timesteps[0]) for step in recording.steps]
+    active = [step.tokens is not None for step in recording.steps]
+    assert active == [in_range(t, 0.75, 1.0) for t in timesteps] and any(active) and not all(active)
+    first_active = active.index(True)
+    for call in range(len(timesteps)):
+        if call < first_active:
             torch.testing.assert_close(held_back[call], base[call], rtol=0, atol=0)
         else:
             assert not torch.equal(held_back[call], base[call])
@@ -153,6 +187,7 @@ def test_threads_with_their_own_schedulers_count_their_own_steps():
     heun = type(pipe).from_pipe(pipe, scheduler=HeunDiscreteScheduler.from_config(pipe.scheduler.config))
     heun.set_progress_bar_config(disable=True)
     expected = {"ddim": active_calls(pipe), "heun": active_calls(heun)}
+    assert expected["heun"] == [in_range(t, 0.5, 1.0) for t in CALL_TIMESTEPS["heun"]]
     results, errors = {}, []
 
     def run(name, target):
@@ -169,35 +204,36 @@ def test_threads_with_their_own_schedulers_count_their_own_steps():
         thread.join()
     assert not errors
     assert results == {name: [pattern] * 3 for name, pattern in expected.items()}
-    assert expected["heun"] == [step >= STEPS // 2 for step in CALL_STEPS["heun"]]
 
 
-def test_a_unet_called_outside_a_pipeline_has_no_steps_and_the_subject_acts():
+def test_a_unet_called_outside_a_pipeline_follows_its_timestep():
     pipe = pipeline()
     pipe.load_customcontrast(tiny_adapter(pipe))
     pipe.set_customcontrast_scale(1.0, start=0.5)
     embeds = pipe.prepare_ip_adapter_image_embeds(SUBJECT, None, "cpu", 1, False)
     inputs = dict(
         sample=torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
-        timestep=torch.tensor(999),
         encoder_hidden_states=torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)),
     )
     with torch.no_grad(), dcc.record_customcontrast(pipe) as recording:
-        pipe.unet(**inputs, added_cond_kwargs={"image_embeds": embeds})
-    assert recording.steps[0].tokens is not None
+        for timestep in (torch.tensor(999), 100, torch.tensor([400.0])):
+            pipe.unet(**inputs, timestep=timestep, added_cond_kwargs={"image_embeds": embeds})
+    assert [step.tokens is not None for step in recording.steps] == [False, True, True]
 
 
 @pytest.mark.parametrize(
-    ("start", "end"), [(0.5, 0.5), (0.6, 0.4), (-0.1, 1.0), (0.0, 1.5), ("0", 1.0), (None, 1.0), (True, 1.0)]
+    ("start", "end"), [(0.5, 0.5), (0.6, 0.4), (-0.1, 1.0), (0.0, 1.5), ("0", 1.0), (1.0, None), (True, 1.0)]
 )
 def test_bad_ranges_are_refused_in_one_sentence(start, end):
     pipe = pipeline()
     pipe.load_customcontrast(tiny_adapter(pipe))
     with pytest.raises(ValueError, match=r"^The subject's step range must be two numbers with 0 <= start < end <= 1"):
-        pipe.set_customcontrast_scale(1.0, start=start, end=end)
-    assert dcc.loaders.injection.attached(pipe.unet).step_range == (0.0, 1.0)  # left as it was
-    if start is None:
-        return  # in a call's options, None means "the pipeline's"
+        pipe.set_customcontrast_scale(0.5, start=start, end=end)
+    state = dcc.loaders.injection.attached(pipe.unet)
+    assert state.step_range == (0.0, 1.0)  # left as it was, the scale too
+    assert {p.subject_scale for p in state.processors.values()} == {1.0}
+    if end is None:
+        return  # None keeps the pipeline's end (1): start = 1 is the empty range
     with pytest.raises(ValueError, match="step range"):
         pipe("a toy", ip_adapter_image=SUBJECT, num_inference_steps=2, height=64, width=64,
              cross_attention_kwargs={"customcontrast": dcc.SubjectOptions(start=start, end=end)})  # fmt: skip
@@ -219,7 +255,7 @@ def test_community_pipeline_takes_a_range_per_call():
         return out.images, len(out.location_maps)
 
     (pipeline_range, maps), (late, late_maps) = run(), run(subject_start=0.5)
-    assert maps == 2 and late_maps == 1  # steps 1 and 2; step 2 only (the pipeline's end, 0.75, still holds)
+    assert maps == 2 and late_maps == 1  # timesteps 501 and 251; 251 only (the pipeline's end, 0.75, still holds)
     (all_steps, all_maps), (again, _) = run(subject_start=0.0, subject_end=1.0), run()
     assert all_maps == STEPS
     np.testing.assert_array_equal(again, pipeline_range)  # a call's range leaves the pipeline's alone
@@ -244,3 +280,18 @@ def test_example_script(tmp_path, monkeypatch):
     assert len({image.tobytes() for image in images.values()}) == 3  # each range gives another image
     with pytest.raises(SystemExit):
         main([*model_args(models), "--subject", str(tmp_path / "subject.png"), "--range", "half"])
+
+
+def test_setting_the_scale_keeps_the_range_and_setting_the_range_keeps_the_scale():
+    """Issue 28, bug 3: ``None`` (an argument left out) keeps the current value, for the range as for the scales."""
+    pipe = pipeline()
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(1.0, start=0.5)
+    pipe.set_customcontrast_scale(0.8)
+    state = dcc.loaders.injection.attached(pipe.unet)
+    assert state.step_range == (0.5, 1.0)
+    assert active_calls(pipe) == [False, False, True, True]
+    pipe.set_customcontrast_scale(end=0.75)
+    assert state.step_range == (0.5, 0.75) and {p.subject_scale for p in state.processors.values()} == {0.8}
+    pipe.set_customcontrast_scale(start=0.0, end=1.0)
+    assert active_calls(pipe) == [True] * STEPS

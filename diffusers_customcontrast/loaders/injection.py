@@ -28,6 +28,7 @@ import inspect
 import numbers
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,11 +41,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..attention_processor import CustomContrastAttnProcessor2_0
-from ..conditioning import OPTIONS_KEY, LayerScale, StepRecord, SubjectConditioning, SubjectOptions, active_recordings
+from ..conditioning import OPTIONS_KEY, LayerScale, StepRecord, SubjectConditioning, SubjectOptions, SubjectRecording
 from ..models.adapter import CustomContrastAdapter
 from ..models.image_projection import CustomContrastImageProjection, MultiSubjectImageProjection, image_projection
 from ..models.unet_layout import attention_module
-from ..step_range import FULL_RANGE, check_step_range, in_step_range, step_position
+from ..step_range import DEFAULT_TRAIN_TIMESTEPS, FULL_RANGE, check_step_range, in_step_range, noise_position
 
 STATE_ATTRIBUTE = "_customcontrast"
 
@@ -66,7 +67,8 @@ class AttachedAdapter:
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the Attention module of each processor
     cleanups: list[Callable[[], None]] = field(default_factory=list)  # run by detach (e.g. input normalisation)
     entry_index: int = 0  # position of the adapter's projection in encoder_hid_proj and its entry in image_embeds
-    step_range: tuple[float, float] = FULL_RANGE  # (start, end): the steps the subject acts on, see step_range.py
+    step_range: tuple[float, float] = FULL_RANGE  # (start, end): the noise levels the subject acts on, step_range.py
+    num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS  # T of the noise position 1 - t / T (the scheduler's)
 
 
 def attached(unet: nn.Module) -> AttachedAdapter | None:
@@ -153,10 +155,27 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
         modules={name: attention_module(unet, name) for name in processors},
         entry_index=len(ip_projections),
     )
-    unet.encoder_hid_proj = MultiSubjectImageProjection([*ip_projections, projection])
+    unet.encoder_hid_proj = MultiSubjectImageProjection(
+        [*ip_projections, projection], ip_adapter_features=_penultimate_features(adapter)
+    )
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     setattr(unet, STATE_ATTRIBUTE, state)
     return state
+
+
+def _penultimate_features(adapter: CustomContrastAdapter) -> slice | None:
+    """Where the penultimate hidden state lies in the features of an adapter that reads several hidden states.
+
+    ``load_customcontrast`` makes the image encoder's ``hidden_states[-2]`` (what diffusers' ``encode_image`` hands to
+    every image adapter) those concatenated features; diffusers' IP-Adapters beside it are given back their own
+    slice (``None``: the adapter reads the penultimate hidden state alone, or no hidden states at all).
+    """
+    layers = adapter.adapter_config.image_feature_layers
+    if layers is None or tuple(layers) == (-2,) or -2 not in layers:
+        return None
+    width = adapter.config.image_embed_dim // len(layers)
+    start = list(layers).index(-2) * width
+    return slice(start, start + width)
 
 
 @contextmanager
@@ -180,6 +199,7 @@ def lifted(unet: nn.Module) -> Iterator[None]:
             restored.processors[name].subject_scale = scale
             restored.processors[name].s_plus_scale = s_plus_scale
         restored.step_range, restored.cleanups = state.step_range, cleanups
+        restored.num_train_timesteps = state.num_train_timesteps
 
 
 def detach(unet: nn.Module) -> CustomContrastAdapter | None:
@@ -277,14 +297,8 @@ def _before_unet_forward(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
             f"({num_adapters}), got {got}."
         )
     cross_attention_kwargs = dict(call.get("cross_attention_kwargs") or {})
-    options = cross_attention_kwargs.pop(OPTIONS_KEY, None)
-    if options is not None and not isinstance(options, SubjectOptions):
-        raise ValueError(
-            f"cross_attention_kwargs['{OPTIONS_KEY}'] must be a SubjectOptions, got {type(options).__name__}."
-        )
-    conditioning = _conditioning(
-        unet, state, image_embeds[state.entry_index], call["sample"], call["timestep"], options
-    )
+    options = checked_options(state, cross_attention_kwargs.pop(OPTIONS_KEY, None))
+    conditioning = _conditioning(state, image_embeds[state.entry_index], call["sample"], call["timestep"], options)
     if cross_attention_kwargs.get("ip_adapter_masks") is not None:
         cross_attention_kwargs["ip_adapter_masks"] = _checked_masks(
             cross_attention_kwargs["ip_adapter_masks"], num_adapters, state.entry_index, conditioning
@@ -297,8 +311,51 @@ def _before_unet_forward(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return (), call
 
 
+def with_recording(state: AttachedAdapter, args: tuple, kwargs: dict, recording: SubjectRecording) -> tuple:
+    """A UNet call's ``(args, kwargs)`` with ``recording`` added to its options (``record_customcontrast``)."""
+    call = {**dict(zip(state.forward_parameters, args)), **kwargs}
+    cross_attention_kwargs = dict(call.get("cross_attention_kwargs") or {})
+    options = cross_attention_kwargs.get(OPTIONS_KEY) or SubjectOptions()
+    if not isinstance(options, SubjectOptions):
+        return args, kwargs  # the adapter's own pre-hook refuses it in one sentence
+    recordings = (*options.recordings, recording)
+    cross_attention_kwargs[OPTIONS_KEY] = dataclasses.replace(options, recording=recordings)
+    call["cross_attention_kwargs"] = cross_attention_kwargs
+    return (), call
+
+
+def checked_options(state: AttachedAdapter, options: Any) -> SubjectOptions | None:
+    """A call's :class:`SubjectOptions`, checked and with its scales expanded to one value per layer, before any layer
+    runs (a processor only reads them)."""
+    if options is None:
+        return None
+    if not isinstance(options, SubjectOptions):
+        raise ValueError(
+            f"cross_attention_kwargs['{OPTIONS_KEY}'] must be a SubjectOptions, got {type(options).__name__}."
+        )
+    names = state.adapter.config.layer_names
+    changes = {}
+    if options.scale is not None and not _is_expanded(options.scale, len(names)):
+        changes["scale"] = tuple(expand_scale(names, options.scale, "scale"))
+    if options.s_plus_scale is not None and not _is_expanded(options.s_plus_scale, len(names)):
+        changes["s_plus_scale"] = tuple(_s_plus_scales(names, options.s_plus_scale))
+    recordings = options.recordings
+    if not all(isinstance(r, SubjectRecording) for r in recordings):
+        raise ValueError("SubjectOptions.recording must be a SubjectRecording (or a tuple of them) or None.")
+    _step_range(state, options)  # a bad range fails here, before the adapter runs
+    return dataclasses.replace(options, **changes) if changes else options
+
+
+def _is_expanded(values: Any, count: int) -> bool:
+    """Whether per-call scales are already one checked value per layer (as :func:`subject_options` makes them)."""
+    return (
+        isinstance(values, tuple)
+        and len(values) == count
+        and all(_is_number(v) or (isinstance(v, list) and all(map(_is_number, v))) for v in values)
+    )
+
+
 def _conditioning(
-    unet: nn.Module,
     state: AttachedAdapter,
     entry: torch.Tensor | SubjectConditioning,
     sample: torch.Tensor,
@@ -333,24 +390,32 @@ def _conditioning(
             f"{conditioning.num_subjects} subjects each needs {batch * conditioning.num_subjects}: encode the "
             "call's own subject features (the negative rows first under guidance)."
         )
-    record = conditioning.record
-    recordings = active_recordings(unet)
-    if record is None and recordings:
-        record = StepRecord()
-        for opened in recordings:
-            opened.steps.append(record)
-    if record is not None:
-        record.timesteps = timesteps
     options = options if options is not None else conditioning.options
+    record = _step_record(conditioning.record, options, timesteps)
     step_range = _step_range(state, options)
+    active = step_range == FULL_RANGE or in_step_range(noise_position(timestep, state.num_train_timesteps), step_range)
     return dataclasses.replace(
         conditioning,
         timesteps=timesteps if conditioning.timesteps is None else conditioning.timesteps,
         sample_size=tuple(sample.shape[-2:]),
         options=options,
         record=record,
-        active=step_range == FULL_RANGE or in_step_range(step_position(unet, timestep), step_range),
+        active=active,
     )
+
+
+def _step_record(
+    record: StepRecord | None, options: SubjectOptions | None, timesteps: torch.Tensor
+) -> StepRecord | None:
+    """The call's record (given with the call, or a new one for the recordings its options carry), if any."""
+    recordings = options.recordings if options is not None else ()
+    if record is None and recordings:
+        record = StepRecord()
+    for recording in recordings:
+        recording.steps.append(record)
+    if record is not None:
+        record.timesteps = timesteps
+    return record
 
 
 def _step_range(state: AttachedAdapter, options: SubjectOptions | None) -> tuple[float, float]:
@@ -363,10 +428,22 @@ def _step_range(state: AttachedAdapter, options: SubjectOptions | None) -> tuple
     return check_step_range(start, end)
 
 
-def _can_read(tensor: torch.Tensor) -> bool:
-    """Whether a check may look at the values: not while torch.compile traces (a data-dependent branch would break
-    the graph), not on the meta device (shape-only runs, e.g. FLOP counts)."""
-    return not torch.compiler.is_compiling() and tensor.device.type != "meta"
+# Tensors whose values were checked, so that a check runs once per generation: a pipeline hands every UNet call of its
+# denoising loop the same subject features and masks (made before the loop), and reading values is a device -> host
+# sync. Weak: a checked tensor is forgotten when it is freed (a new tensor at the same id is checked again).
+_CHECKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _needs_check(tensor: torch.Tensor) -> bool:
+    """Whether a check should read ``tensor``'s values now: not while torch.compile traces (a data-dependent branch
+    would break the graph), not on the meta device (shape-only runs, e.g. FLOP counts), not twice."""
+    if torch.compiler.is_compiling() or tensor.device.type == "meta":
+        return False
+    return _CHECKED.get(id(tensor)) is not tensor
+
+
+def _checked(tensor: torch.Tensor) -> None:
+    _CHECKED[id(tensor)] = tensor
 
 
 def _checked_features(features: Any, width: int, batch: int) -> torch.Tensor:
@@ -379,21 +456,21 @@ def _checked_features(features: Any, width: int, batch: int) -> torch.Tensor:
             f"pipe.prepare_ip_adapter_image_embeds returns), got {shape}."
         )
     rows = features.shape[0]
-    if rows != batch:
-        if batch % rows:
-            raise ValueError(
-                f"The subject embeddings have batch size {rows}, which does not divide the prompt batch size "
-                f"{batch}: pass one subject image per prompt, or one for all prompts."
-            )
-        # Pipelines order rows as [negative prompts..., positive prompts...] and the image rows the same way, so
-        # each image row serves a contiguous run of prompt rows.
-        features = features.repeat_interleave(batch // rows, dim=0)
-    if _can_read(features) and not torch.isfinite(features).all():
+    if rows != batch and batch % rows:
         raise ValueError(
-            "The subject features hold NaN or infinite values (from ip_adapter_image_embeds, or an image encoder "
-            "that overflowed, e.g. in float16): CustomContrast would produce a NaN image."
+            f"The subject embeddings have batch size {rows}, which does not divide the prompt batch size "
+            f"{batch}: pass one subject image per prompt, or one for all prompts."
         )
-    return features
+    if _needs_check(features):
+        if not torch.isfinite(features).all():
+            raise ValueError(
+                "The subject features hold NaN or infinite values (from ip_adapter_image_embeds, or an image encoder "
+                "that overflowed, e.g. in float16): CustomContrast would produce a NaN image."
+            )
+        _checked(features)
+    # Pipelines order rows as [negative prompts..., positive prompts...] and the image rows the same way, so each
+    # image row serves a contiguous run of prompt rows.
+    return features if rows == batch else features.repeat_interleave(batch // rows, dim=0)
 
 
 def _checked_masks(
@@ -424,12 +501,15 @@ def _checked_masks(
             f"ip_adapter_masks must hold one [1, num_subjects, height, width] tensor with num_subjects = "
             f"{num_subjects} (from IPAdapterMaskProcessor().preprocess), got {shape}."
         )
-    # A NaN or 0..255 mask would scale the subject's branches without a word.
-    if _can_read(mask) and (not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1):
-        raise ValueError(
-            "ip_adapter_masks values must lie in [0, 1] (IPAdapterMaskProcessor().preprocess gives 0 or 1), "
-            f"got [{mask.min().item():.4g}, {mask.max().item():.4g}]."
-        )
+    if _needs_check(mask):
+        # A NaN or 0..255 mask would scale the subject's branches without a word. One read of both bounds.
+        low, high = (float(v) for v in mask.float().nan_to_num(nan=-1.0).aminmax())
+        if low < 0 or high > 1:
+            raise ValueError(
+                "ip_adapter_masks values must lie in [0, 1] (IPAdapterMaskProcessor().preprocess gives 0 or 1), "
+                f"got [{mask.min().item():.4g}, {mask.max().item():.4g}]."
+            )
+        _checked(mask)
     return masks
 
 
@@ -523,19 +603,13 @@ def subject_options(
     s_plus_scale: ScaleSpec | None = None,
     start: float | None = None,
     end: float | None = None,
+    recording: SubjectRecording | None = None,
 ) -> SubjectOptions:
     """:class:`SubjectOptions` for one call, from the same specifications as :func:`set_scale` (``None``: the
-    adapter's)."""
+    adapter's), checked and expanded now, before the pipeline runs."""
     state = loaded(unet)
-    names = state.adapter.config.layer_names
-    options = SubjectOptions(
-        scale=None if scale is None else tuple(expand_scale(names, scale, "scale")),
-        s_plus_scale=None if s_plus_scale is None else tuple(_s_plus_scales(names, s_plus_scale)),
-        start=start,
-        end=end,
-    )
-    _step_range(state, options)  # a bad range fails here, before the pipeline runs
-    return options
+    options = SubjectOptions(scale=scale, s_plus_scale=s_plus_scale, start=start, end=end, recording=recording)
+    return checked_options(state, options)
 
 
 def _s_plus_scales(names: Sequence[str], s_plus_scale: ScaleSpec) -> list[float]:
@@ -558,18 +632,21 @@ def set_scale(
     unet: nn.Module,
     scale: ScaleSpec | None = None,
     s_plus_scale: ScaleSpec | None = None,
-    start: float = 0.0,
-    end: float = 1.0,
+    start: float | None = None,
+    end: float | None = None,
 ) -> None:
-    """Set ``lambda_l`` (visual branch) and/or ``beta_l`` (S+ tokens) of every layer (``None`` keeps a value), and the
-    step range ``[start, end)`` the subject acts on."""
+    """Set ``lambda_l`` (visual branch) and/or ``beta_l`` (S+ tokens) of every layer, and the step range
+    ``[start, end)`` the subject acts on. ``None`` keeps a value, for every argument; everything is checked before
+    anything changes."""
     state = loaded(unet)
-    step_range = check_step_range(start, end)
+    kept_start, kept_end = state.step_range
+    step_range = check_step_range(kept_start if start is None else start, kept_end if end is None else end)
     names = list(state.processors)
-    if scale is not None:
-        for name, value in zip(names, expand_scale(names, scale, "scale"), strict=True):
-            state.processors[name].subject_scale = value
-    if s_plus_scale is not None:
-        for name, value in zip(names, _s_plus_scales(names, s_plus_scale), strict=True):
-            state.processors[name].s_plus_scale = value
+    scales = None if scale is None else expand_scale(names, scale, "scale")
+    s_plus_scales = None if s_plus_scale is None else _s_plus_scales(names, s_plus_scale)
+    for index, name in enumerate(names):
+        if scales is not None:
+            state.processors[name].subject_scale = scales[index]
+        if s_plus_scales is not None:
+            state.processors[name].s_plus_scale = s_plus_scales[index]
     state.step_range = step_range

@@ -24,7 +24,6 @@ component checks as they were; copies and pickles of it are plain processors of 
 
 from __future__ import annotations
 
-import copyreg
 import math
 import numbers
 import warnings
@@ -180,7 +179,7 @@ class _NormalisingProcessor:
 
     def __reduce_ex__(self, protocol):
         # Copies and pickles are plain processors of the original class (pickle could not find this one by name).
-        return copyreg._reconstructor, (self._original_class, object, None), self.__getstate__()
+        return object.__new__, (self._original_class,), self.__getstate__()
 
 
 _NORMALISING_CLASSES: dict[type, type] = {}

@@ -4,7 +4,9 @@
 They work on any diffusers pipeline with ``IPAdapterMixin`` (SD1.5 and SDXL: txt2img, img2img, inpaint, ControlNet;
 the T2I-Adapter pipeline of SDXL, not SD1.5's ``StableDiffusionAdapterPipeline``, which has no IP-Adapter support):
 the subject image then travels through the pipeline's own ``ip_adapter_image=`` argument. Importing
-``diffusers_customcontrast`` makes them methods of every ``DiffusionPipeline``.
+``diffusers_customcontrast`` makes them methods of ``IPAdapterMixin`` (every such pipeline has a UNet) and changes
+nothing else in diffusers: no method of diffusers is wrapped, and pipelines without ``IPAdapterMixin`` (FLUX, SD3,
+SD1.5's T2I-Adapter pipeline) gain nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +26,8 @@ from diffusers import DiffusionPipeline
 from diffusers.loaders import IPAdapterMixin
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from ..conditioning import SubjectRecording, recording
+from ..conditioning import SubjectRecording
 from ..models.adapter import CustomContrastAdapter, select_image_features
-from ..step_range import pipeline_call
 from . import injection, inputs
 from .serialization import AdapterLoadError, load_adapter, resolve_file
 
@@ -126,6 +129,8 @@ def load_customcontrast(
     # ModelMixin.to warns about fp32-pinned modules whenever a dtype is given, even with none (diffusers 0.42).
     torch.nn.Module.to(adapter, device=_weights_device(pipe), dtype=dtype)
     state = injection.attach(unet, adapter, scale=scale)
+    state.num_train_timesteps = _num_train_timesteps(pipe)
+    state.cleanups.append(_keep_beside_ip_adapters(pipe))
     encoder = getattr(pipe, "image_encoder", None)
     state.cleanups.append(inputs.install(getattr(pipe, "feature_extractor", None), encoder))
     feature_layers = adapter.adapter_config.image_feature_layers
@@ -148,21 +153,24 @@ def set_customcontrast_scale(
     pipe: DiffusionPipeline,
     scale: injection.ScaleSpec | None = None,
     s_plus_scale: injection.ScaleSpec | None = None,
-    start: float = 0.0,
-    end: float = 1.0,
+    start: float | None = None,
+    end: float | None = None,
 ) -> None:
     """Set how strongly the subject acts: the visual branch (``scale``) and the S+ tokens (``s_plus_scale``), and on
     which denoising steps (``start``, ``end``).
 
     Each scale takes a float (all layers), an InstantStyle-style per-block dict such as
     ``{"up": {"block_0": [0.0, 1.0, 0.0]}}`` (unnamed blocks get 0), or a list with one value per cross-attention
-    layer. ``scale`` values may be per-subject lists when several subject images are given. ``None`` keeps the
-    current value; 0 for both gives exactly the base pipeline.
+    layer. ``scale`` values may be per-subject lists when several subject images are given. 0 for both gives exactly
+    the base pipeline.
 
-    The subject acts on the steps whose position in the schedule (``i / N`` for step ``i`` of the ``N`` steps a call
-    runs: img2img counts the steps its ``strength`` leaves, Heun's two UNet calls make one step) lies in
-    ``[start, end)``, with ``0 <= start < end <= 1``; the other steps are exactly the base model's. Each call sets the
-    range (the default is every step).
+    The subject acts on the UNet calls whose noise level lies in ``[start, end)``, with ``0 <= start < end <= 1``:
+    a call at timestep ``t`` sits at ``1 - t / T`` of the training schedule (``T``: the scheduler's
+    ``num_train_timesteps``), 0 at pure noise, 1 at the clean image, as ComfyUI's ``start_at`` / ``end_at``
+    (:mod:`~diffusers_customcontrast.step_range`, docs/api.md); the other calls are exactly the base model's.
+
+    ``None`` keeps the current value, for every argument (the scales and the range are set independently); at load
+    the range is every step.
     """
     injection.set_scale(pipe.unet, scale, s_plus_scale, start, end)
 
@@ -248,11 +256,34 @@ def record_customcontrast(pipe_or_unet: DiffusionPipeline | torch.nn.Module) -> 
     ``recording.steps`` holds one :class:`~diffusers_customcontrast.conditioning.StepRecord` per UNet call, in
     order: its ``tokens`` and ``location_maps`` (layer index -> ``[batch, num_subjects, h, w]`` maps in (0, 1)).
     ``recording.location_maps`` and ``recording.tokens`` are the last call's. Other threads' calls are not recorded.
+
+    A shorthand for passing ``SubjectOptions(recording=SubjectRecording())`` in every call's
+    ``cross_attention_kwargs["customcontrast"]``: for the block, a UNet forward pre-hook adds the recording to the
+    options of this thread's calls (removed when the block ends).
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     injection.loaded(unet)
-    with recording(unet) as opened:
+    opened = SubjectRecording(unet)
+    thread = threading.get_ident()
+
+    def add_recording(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = injection.attached(module)
+        if state is None or threading.get_ident() != thread:
+            return None
+        return injection.with_recording(state, args, kwargs, opened)
+
+    # prepend: the adapter's own pre-hook then finds the recording among the call's options.
+    handle = unet.register_forward_pre_hook(add_recording, with_kwargs=True, prepend=True)
+    try:
         yield opened
+    finally:
+        handle.remove()
+
+
+def _num_train_timesteps(pipe: DiffusionPipeline) -> int:
+    """``T`` of the noise position ``1 - t / T`` that step ranges are given in: the pipeline's scheduler's."""
+    value = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+    return value if isinstance(value, int) and value > 0 else injection.DEFAULT_TRAIN_TIMESTEPS
 
 
 def _weights_device(pipe: DiffusionPipeline) -> torch.device:
@@ -276,56 +307,6 @@ def _feed_feature_layers(image_encoder: torch.nn.Module, layers: tuple[int, ...]
         return output
 
     return image_encoder.register_forward_hook(select_features, with_kwargs=True).remove
-
-
-def _require_image_adapter(prepare: Callable) -> Callable:
-    """``prepare_ip_adapter_image_embeds`` refusing, in one sentence, a subject when no image adapter is loaded."""
-
-    @functools.wraps(prepare)
-    def prepare_ip_adapter_image_embeds(self, *args, **kwargs):
-        unet = getattr(self, "unet", None)
-        if unet is not None:
-            injection.reconcile(unet)  # a CustomContrast adapter in pieces gets its own error first
-        if unet is not None and getattr(unet, "encoder_hid_proj", None) is None:
-            raise ValueError(
-                f"{type(self).__name__} has no image adapter loaded, so it cannot take ip_adapter_image or "
-                "ip_adapter_image_embeds: call pipe.load_customcontrast(...) (or pipe.load_ip_adapter(...)) first."
-            )
-        return prepare(self, *args, **kwargs)
-
-    return prepare_ip_adapter_image_embeds
-
-
-def _counting_steps(call: Callable) -> Callable:
-    """A pipeline's ``__call__`` during which its UNet calls learn their denoising step (see
-    :mod:`~diffusers_customcontrast.step_range`)."""
-
-    @functools.wraps(call)
-    def __call__(self, *args, **kwargs):
-        with pipeline_call(self):
-            return call(self, *args, **kwargs)
-
-    return __call__
-
-
-def _wrap_once(cls: type, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    """Replace the method ``name`` that ``cls`` itself defines by ``wrap(method)``, unless it is wrapped already
-    (importing the package twice, or a subclass that inherits a wrapped method, must not wrap again)."""
-    method = cls.__dict__.get(name)
-    if method is None or getattr(method, "_customcontrast_wrapped", False):
-        return
-    wrapped = wrap(method)
-    wrapped._customcontrast_wrapped = True
-    setattr(cls, name, wrapped)
-
-
-def _guard_ip_adapter_route(cls: type) -> None:
-    # diffusers' pipelines read unet.encoder_hid_proj.image_projection_layers without checking that an adapter is
-    # loaded ("'NoneType' object has no attribute 'image_projection_layers'"; with precomputed embeddings they
-    # silently generate without the subject), and no hook runs before: the check goes on the method itself.
-    _wrap_once(cls, "prepare_ip_adapter_image_embeds", _require_image_adapter)
-    # The UNet's pre-hook sees only the UNet; the step range needs the pipeline's scheduler.
-    _wrap_once(cls, "__call__", _counting_steps)
 
 
 def _beside_ip_adapters(method: Callable) -> Callable:
@@ -353,25 +334,39 @@ def _beside_ip_adapters(method: Callable) -> Callable:
     return wrapper
 
 
-def _guard_subclasses(cls: type, **kwargs) -> None:
-    super(IPAdapterMixin, cls).__init_subclass__(**kwargs)
-    _guard_ip_adapter_route(cls)
+_IP_ADAPTER_METHODS = ("load_ip_adapter", "unload_ip_adapter")
+
+
+def _keep_beside_ip_adapters(pipe: DiffusionPipeline) -> Callable[[], None]:
+    """Give ``pipe`` its own ``load_ip_adapter`` / ``unload_ip_adapter`` that keep CustomContrast loaded; returns the
+    undo.
+
+    Why per instance: diffusers has no extension point around these two methods (they replace every processor and
+    ``encoder_hid_proj``), and changing the class would change every pipeline in the process, loaded or not. The
+    instance attributes shadow the class's methods until unload; a pipeline made with ``from_pipe`` has diffusers'
+    own methods.
+    """
+    for name in _IP_ADAPTER_METHODS:
+        setattr(pipe, name, types.MethodType(_beside_ip_adapters(getattr(type(pipe), name)), pipe))
+
+    def undo() -> None:
+        for name in _IP_ADAPTER_METHODS:
+            pipe.__dict__.pop(name, None)
+
+    return undo
+
+
+PIPELINE_METHODS: dict[str, Callable] = {
+    "load_customcontrast": load_customcontrast,
+    "unload_customcontrast": unload_customcontrast,
+    "set_customcontrast_scale": set_customcontrast_scale,
+    "encode_customcontrast_subjects": encode_customcontrast_subjects,
+}
+"""The methods importing the package adds to ``IPAdapterMixin``, and nothing else."""
 
 
 def register_pipeline_methods() -> None:
-    """Make the functions above methods of every ``DiffusionPipeline``, and give every IP-Adapter pipeline class
-    (imported now or later) a one-sentence error for a subject without an adapter and a ``__call__`` whose UNet calls
-    know their denoising step, and make diffusers' ``load_ip_adapter`` / ``unload_ip_adapter`` leave CustomContrast
-    loaded (done on import)."""
-    DiffusionPipeline.load_customcontrast = load_customcontrast
-    DiffusionPipeline.unload_customcontrast = unload_customcontrast
-    DiffusionPipeline.set_customcontrast_scale = set_customcontrast_scale
-    DiffusionPipeline.encode_customcontrast_subjects = encode_customcontrast_subjects
-    pending = list(IPAdapterMixin.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        _guard_ip_adapter_route(cls)
-        pending.extend(cls.__subclasses__())
-    IPAdapterMixin.__init_subclass__ = classmethod(_guard_subclasses)
-    for name in ("load_ip_adapter", "unload_ip_adapter"):
-        _wrap_once(IPAdapterMixin, name, _beside_ip_adapters)
+    """Make :data:`PIPELINE_METHODS` methods of ``IPAdapterMixin``, so every pipeline that can take a subject (each
+    has a UNet) has them, including subclasses defined later; nothing else in diffusers changes (done on import)."""
+    for name, method in PIPELINE_METHODS.items():
+        setattr(IPAdapterMixin, name, method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from torch import nn
 
@@ -61,12 +62,28 @@ class MultiSubjectImageProjection(MultiIPAdapterImageProjection):
     call's ``image_embeds``: CustomContrast's as it stands, a :class:`~diffusers_customcontrast.conditioning.
     SubjectConditioning`; a diffusers IP-Adapter's (``[batch, num_images, ...]``) as ``MultiIPAdapterImageProjection``
     gives it, one image at a time.
+
+    ``ip_adapter_features``: for an adapter that reads several hidden states of the image encoder (which
+    ``load_customcontrast`` concatenates into the ``hidden_states[-2]`` every image adapter is handed), the channels
+    of the penultimate hidden state in them: diffusers' IP-Adapters beside it get those back.
     """
+
+    def __init__(self, layers: list[nn.Module], ip_adapter_features: slice | None = None) -> None:
+        super().__init__(layers)
+        self.ip_adapter_features = ip_adapter_features
 
     def forward(self, image_embeds: list) -> list:
         return [
             layer(embeds)
             if isinstance(embeds, SubjectConditioning)
-            else layer(embeds.flatten(0, 1)).unflatten(0, embeds.shape[:2])
+            else layer(self._own_features(embeds).flatten(0, 1)).unflatten(0, embeds.shape[:2])
             for layer, embeds in zip(self.image_projection_layers, image_embeds, strict=True)
         ]
+
+    def _own_features(self, embeds: torch.Tensor) -> torch.Tensor:
+        """An IP-Adapter's entry as its own projection reads it: the penultimate hidden state's channels of
+        concatenated hidden states (pooled embeddings, 3-D, pass as they are)."""
+        part = self.ip_adapter_features
+        if part is None or embeds.ndim != 4 or embeds.shape[-1] < part.stop:
+            return embeds
+        return embeds[..., part]

@@ -324,3 +324,8 @@ def test_the_documented_benchmark_results_cover_every_run_with_three_seeds_and_i
         for name in metrics:
             assert row[name]["low"] <= row[name]["mean"] <= row[name]["high"], name
     assert {"self_reconstruction", "full"} <= set(results["sweeps"])
+    assert list(results["ceilings"]) == ["real_renders", "autoencoder", "base_model", "base_model_colours_named"]
+    for stage in results["ceilings"].values():
+        for name in metrics:
+            assert stage[name]["low"] <= stage[name]["mean"] <= stage[name]["high"], name
+        assert all(0.0 <= v <= 1.0 for v in stage["shape_acc_per_class"].values())

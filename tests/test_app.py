@@ -17,7 +17,7 @@ from PIL import Image
 from diffusers_customcontrast.app import GenerationRequest, SubjectStudio, UploadError, read_subject_images
 from diffusers_customcontrast.app import studio as studio_module
 from diffusers_customcontrast.app.__main__ import main
-from diffusers_customcontrast.app.studio import load_studio, location_strip
+from diffusers_customcontrast.app.studio import load_studio, location_strip, world_examples
 from diffusers_customcontrast.conditioning import StepRecord
 from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_adapter, tiny_sd15_pipeline
 
@@ -37,10 +37,10 @@ def pipeline_image(pipe, request: GenerationRequest, **kwargs) -> np.ndarray:
     return np.asarray(output.images[0])
 
 
-def tiny_studio(pipe=None) -> SubjectStudio:
+def tiny_studio(pipe=None, examples=()) -> SubjectStudio:
     pipe = pipe or tiny_sd15_pipeline()
     adapter = pipe.load_customcontrast(tiny_adapter(pipe))
-    return SubjectStudio(pipe, adapter, "tiny pipeline, random adapter", REQUEST)
+    return SubjectStudio(pipe, adapter, "tiny pipeline, random adapter", REQUEST, examples)
 
 
 def test_generation_is_the_pipelines_output_and_base_is_the_unloaded_pipeline(subject_image):
@@ -193,11 +193,11 @@ def browser():
 
 @pytest.fixture
 def served_app():
-    """The page of a tiny studio, served on a free localhost port; yields ``(url, studio)``."""
+    """The page of a tiny studio offering two world subjects, on a free localhost port; yields ``(url, studio)``."""
     pytest.importorskip("gradio", reason='the web app needs gradio: pip install -e ".[app]"')
     from diffusers_customcontrast.app.layout import build_app, launch_app
 
-    studio = tiny_studio()
+    studio = tiny_studio(examples=world_examples(2))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -250,3 +250,38 @@ def test_page_generates_the_pipelines_image_and_reports_a_bad_upload(browser, se
     assert status_text("Not generated") == f"Not generated: {message}"
     assert "Traceback" not in browser.page_source
     assert not browser.find_elements(By.CSS_SELECTOR, "#result img")
+
+
+def test_page_offers_world_subjects_in_one_click(browser, served_app):
+    """A new user clicks an example subject and generates: the page shows the pipeline's image of that subject."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, studio = served_app
+    wait = WebDriverWait(browser, 60)
+    browser.get(url)
+    example = studio.examples[1]
+    buttons = wait.until(lambda d: len(found := d.find_elements(By.CSS_SELECTOR, "#examples button")) == 2 and found)
+    assert [b.text for b in buttons] == [e.name for e in studio.examples]
+    button = buttons[1]
+    button.click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value") == example.prompt)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: "Done." in d.find_element(By.ID, "status").text)
+    source = browser.find_element(By.CSS_SELECTOR, "#result img").get_attribute("src")
+    with urllib.request.urlopen(source) as response:
+        shown = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+    pipe = tiny_sd15_pipeline()
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    pipe.set_customcontrast_scale(REQUEST.scale, s_plus_scale=REQUEST.s_plus_scale)
+    request = dataclasses.replace(REQUEST, prompt=example.prompt)
+    np.testing.assert_array_equal(shown, pipeline_image(pipe, request, ip_adapter_image=example.image))
+
+
+def test_world_examples_are_held_out_subjects_with_prompts_that_name_no_colour():
+    examples = world_examples(4)
+    assert [e.name.split(":")[0] for e in examples] == [f"heldout_{n:04d}" for n in range(4)]
+    for example in examples:
+        colours = example.name.split(" ")[3:]
+        assert colours and not any(colour in example.prompt for colour in colours)
+        assert example.image.getpixel((0, 0)) == (255, 255, 255)  # segmented on white, like a reference

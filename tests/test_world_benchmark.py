@@ -212,12 +212,16 @@ def test_demo_trains_generates_and_reports(tmp_path: Path):
     assert {p.name for p in report.iterdir()} == {"grid.png", "loss_curves.png", "metrics.json", "report.md"}
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["unload_restores_base"] is True and metrics["train_steps"] == 2
-    assert set(metrics["rows"]) == {
+    assert list(metrics["rows"]) == [
         "base model, no subject (scale 0)",
+        "base model, colours named in the prompt",
         "CustomContrast (scale 1)",
+        "autoencoder reconstructions (ceiling of the UNet)",
         "real renders (upper bound)",
-    }
+    ]
     assert metrics["rows"]["real renders (upper bound)"]["controllability"] == 1.0
+    report_text = (report / "report.md").read_text()
+    assert "| autoencoder reconstructions (ceiling of the UNet) |" in report_text
     assert (tmp_path / "adapter" / "config.json").is_file()
     assert Image.open(report / "grid.png").size[0] > 64 * 3
 
@@ -235,7 +239,8 @@ def test_benchmark_smoke_runs_seeds_with_intervals_and_resumes(tmp_path: Path, m
     assert results["seeds"] == 2 and set(results["runs"]) == {"self_reconstruction", "full"}
     metrics = {"identity_acc", "shape_acc", "colour_acc", "texture_acc", "controllability", "similarity"}
     rows = ("base_model", "base_model_colours_named", "real_renders")
-    for row in (results["runs"]["full"], *(results[name] for name in rows)):
+    assert list(results["ceilings"]) == ["real_renders", "autoencoder", "base_model", "base_model_colours_named"]
+    for row in (results["runs"]["full"], *(results[name] for name in rows), *results["ceilings"].values()):
         assert metrics <= set(row)
         for name in metrics:
             assert row[name]["low"] <= row[name]["mean"] <= row[name]["high"], name
@@ -319,3 +324,8 @@ def test_the_documented_benchmark_results_cover_every_run_with_three_seeds_and_i
         for name in metrics:
             assert row[name]["low"] <= row[name]["mean"] <= row[name]["high"], name
     assert {"self_reconstruction", "full"} <= set(results["sweeps"])
+    assert list(results["ceilings"]) == ["real_renders", "autoencoder", "base_model", "base_model_colours_named"]
+    for stage in results["ceilings"].values():
+        for name in metrics:
+            assert stage[name]["low"] <= stage[name]["mean"] <= stage[name]["high"], name
+        assert all(0.0 <= v <= 1.0 for v in stage["shape_acc_per_class"].values())

@@ -7,11 +7,14 @@ app keeps serving.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import gradio as gr
 
-from .studio import MAX_LOCATION_FRAMES, SCALE_STRIP_FACTORS, GenerationRequest, SubjectStudio
+from .studio import MAX_LOCATION_FRAMES, SCALE_STRIP_FACTORS, GenerationRequest, SubjectExample, SubjectStudio
 from .uploads import read_subject_images
 
 __all__ = ["MAX_FILE_SIZE", "build_app", "launch_app"]
@@ -38,6 +41,14 @@ def build_app(studio: SubjectStudio) -> gr.Blocks:
             with gr.Column(scale=1):
                 subjects = gr.File(label="Subject photos (one or several)", file_count="multiple", elem_id="subjects")
                 prompt = gr.Textbox(label="Prompt", value=defaults.prompt, elem_id="prompt")
+                if studio.examples:
+                    gr.Examples(
+                        examples=[[[path], example.prompt] for path, example in _example_files(studio.examples)],
+                        inputs=[subjects, prompt],
+                        example_labels=[example.name for example in studio.examples],
+                        label="Or try a subject of the world, held out from training: click one, then Generate",
+                        elem_id="examples",
+                    )
                 negative_prompt = gr.Textbox(label="Negative prompt", value=defaults.negative_prompt)
                 scale = gr.Slider(0.0, 2.0, value=defaults.scale, step=0.05, label="Scale (visual branch)")
                 s_plus_scale = gr.Slider(0.0, 2.0, value=defaults.s_plus_scale, step=0.05, label="S+ scale")
@@ -103,6 +114,17 @@ def build_app(studio: SubjectStudio) -> gr.Blocks:
         generate.click(on_generate, controls, [image, base_image, location_maps, status])
         strip.click(on_strip, controls, [scale_strip, status])
     return app
+
+
+def _example_files(examples: Sequence[SubjectExample]) -> list[tuple[str, SubjectExample]]:
+    """Each example's reference written as a PNG (the file input takes paths; Gradio caches them for the page)."""
+    folder = Path(tempfile.mkdtemp(prefix="customcontrast-examples-"))
+    files = []
+    for n, example in enumerate(examples):
+        path = folder / f"subject_{n}.png"
+        example.image.save(path)
+        files.append((os.fspath(path), example))
+    return files
 
 
 def _read_controls(

@@ -20,10 +20,12 @@ from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image
 
 from ..conditioning import OPTIONS_KEY, StepRecord, SubjectOptions
+from ..data.synthetic import BACKGROUNDS, caption_for
 from ..evaluation.generate import subject_condition
 from ..loaders.pipeline import load_customcontrast, record_customcontrast
 from ..models.adapter import CustomContrastAdapter
 from ..world.base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
+from ..world.dataset import WorldSpec
 from ..world.recipe import WORLD_ADAPTER, WORLD_ADAPTER_DIR
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "Generation",
     "GenerationRequest",
     "ProgressCallback",
+    "SubjectExample",
     "SubjectStudio",
     "load_studio",
     "location_strip",
@@ -99,6 +102,33 @@ class Generation:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SubjectExample:
+    """A subject the page offers in one click: its reference image and a prompt that puts it in a scene."""
+
+    name: str
+    image: Image.Image
+    prompt: str
+
+
+def world_examples(count: int = 4) -> list[SubjectExample]:
+    """The first ``count`` held-out subjects of the default world (never seen in training), each in a scene.
+
+    The prompts name the class and the texture as the world's captions do, never the colours: those come from the
+    reference.
+    """
+    spec = WorldSpec(num_train_subjects=0, num_heldout_subjects=count)
+    scenes = [b.name for b in BACKGROUNDS]
+    examples = []
+    for n, subject_id in enumerate(spec.subject_ids("heldout")):
+        subject = spec.subjects[subject_id][1]
+        prompt = caption_for(subject, scenes[(3 * n + 2) % len(scenes)])
+        examples.append(
+            SubjectExample(f"{subject_id}: {' '.join(subject.identity)}", spec.reference_image(subject_id), prompt)
+        )
+    return examples
+
+
 class SubjectStudio:
     """A pipeline with a CustomContrast adapter loaded, and the generations of the web app.
 
@@ -107,6 +137,7 @@ class SubjectStudio:
         adapter: the loaded adapter.
         description: one line for the page saying which base model and adapter these are.
         defaults: the request the page starts with (prompt, steps and guidance suited to the base model).
+        examples: subjects the page offers in one click, each a reference image and a prompt for it.
     """
 
     def __init__(
@@ -115,11 +146,13 @@ class SubjectStudio:
         adapter: CustomContrastAdapter,
         description: str,
         defaults: GenerationRequest,
+        examples: Sequence[SubjectExample] = (),
     ) -> None:
         self.pipe = pipe
         self.adapter = adapter
         self.description = description
         self.defaults = defaults
+        self.examples = tuple(examples)
 
     def generate(
         self, subjects: Sequence[Image.Image], request: GenerationRequest, progress: ProgressCallback | None = None
@@ -259,6 +292,7 @@ def load_studio(
         pipe = load_synthetic_base(device)
         base_name = f"the synthetic world's base model ({SYNTHETIC_BASE_DIR})"
         defaults = GenerationRequest("a striped star on the beach", num_inference_steps=20, guidance_scale=4.0)
+        examples = world_examples()
     else:
         if adapter is None:
             raise ValueError(
@@ -269,6 +303,7 @@ def load_studio(
         pipe = AutoPipelineForText2Image.from_pretrained(base, torch_dtype=dtype).to(device)
         base_name = os.fspath(base)
         defaults = GenerationRequest("a photo of a dog on the beach", num_inference_steps=30, guidance_scale=7.5)
+        examples = []
     pipe.set_progress_bar_config(disable=True)
 
     if adapter is not None:
@@ -288,4 +323,4 @@ def load_studio(
             torch.manual_seed(0)
             untrained = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, **WORLD_ADAPTER["adapter"])
         loaded = load_customcontrast(pipe, untrained)
-    return SubjectStudio(pipe, loaded, f"Base: {base_name}. Subject: {adapter_name}.", defaults)
+    return SubjectStudio(pipe, loaded, f"Base: {base_name}. Subject: {adapter_name}.", defaults, examples)

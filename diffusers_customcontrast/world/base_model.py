@@ -24,6 +24,7 @@ from transformers import (
 
 from ..data.synthetic import caption_words
 from ..testing.tiny_models import tiny_clip_tokenizer
+from .autoencoder import PatchAutoencoder
 
 SYNTHETIC_BASE_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "synthetic-base"
 """Folder of the shipped synthetic base pipeline."""
@@ -99,16 +100,29 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_patch_autoencoder() -> PatchAutoencoder:
+    """The exact patch autoencoder on the same 16 x 16 grid: 64 px RGB images <-> 16 x 16 x 48 latents.
+
+    Its statistics are unset (zero mean, unit std) until :meth:`PatchAutoencoder.fit_statistics` sees the scenes.
+    """
+    return PatchAutoencoder(patch_size=VAE_FACTOR, in_channels=3)
+
+
+AUTOENCODERS = {"kl": build_vae, "patch": build_patch_autoencoder}
+"""The world's autoencoders by name: ``"kl"`` is learned (base v4's), ``"patch"`` exact (``world.autoencoder``)."""
+
+
+def build_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     """An SD1.5-shaped UNet on 16 x 16 latents, with text cross-attention at 8 x 8, 4 x 4 and in the mid block.
 
     Like SD1.5 (whose lowest resolution has none) one level goes without cross-attention; here it is the
     highest, where attention over 256 positions would cost the most CPU time. 7 cross-attention layers.
+    ``latent_channels`` is the autoencoder's (8 for the KL VAE, 48 for the patch autoencoder).
     """
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // VAE_FACTOR,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 128),
@@ -150,7 +164,7 @@ def build_inference_scheduler(prediction_type: str = PREDICTION_TYPE) -> DDIMSch
 
 
 def assemble_pipeline(
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | PatchAutoencoder,
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
     unet: UNet2DConditionModel,

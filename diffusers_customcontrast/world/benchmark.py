@@ -17,7 +17,14 @@ The paper's t-SNE figure (S+ tokens of one subject cluster across views with MAC
 the held-out subjects' photo frames are encoded, and ``s_plus_retrieval`` is the fraction of frames whose nearest
 other frame by each layer's pooled S+ tokens belongs to the same subject (averaged over layers; chance about 2 %).
 
-Written to ``output_dir``: ``results.json`` (``{"seeds", "runs", "base_model", "real_renders", "sweeps", ...}``),
+The stage ceilings (:mod:`.ceilings`) frame every figure: real renders, the base pipeline's autoencoder
+reconstructions of them, the base model from text (colours named, and not), each with the shape accuracy per class.
+``--ceilings_only`` measures them (and, with ``--adapter``, an adapter's figures) without training anything::
+
+    python -m diffusers_customcontrast.world.benchmark --output_dir runs/ceilings --ceilings_only --adapter <folder>
+
+Written to ``output_dir``: ``results.json`` (``{"seeds", "ceilings", "runs", "base_model", "real_renders",
+"sweeps", ...}``),
 ``results.md`` (the tables), ``tradeoff.png``, ``loss_curves.png``, ``samples.png`` and ``runs/<name>/seed_<s>/``
 (each adapter and its generated images). Trainings and generations run in ``--workers`` processes; adapters and
 images are reused when a rerun would make them the same way, so an interrupted benchmark continues where it stopped
@@ -50,7 +57,8 @@ from ..training import TrainingConfig, train
 from ..training.export import LOSS_HISTORY_NAME, LossHistory
 from ..training.faults import StopRequest
 from ..training.trainer import TRAINING_CONFIG_NAME
-from .base_model import load_synthetic_base
+from .base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
+from .ceilings import autoencoder_reconstructions, stage_figures
 from .dataset import World, load_world, write_world
 from .evaluation import (
     ImageScores,
@@ -64,7 +72,14 @@ from .intervals import bootstrap_intervals, interval
 from .judge import load_world_judge
 from .metrics import SubjectGallery
 from .recipe import ABLATIONS, world_training_config
-from .report import image_grid, intervals_table, per_layer_table, plot_intervals_tradeoff, plot_loss_curves
+from .report import (
+    image_grid,
+    intervals_table,
+    per_layer_table,
+    plot_intervals_tradeoff,
+    plot_loss_curves,
+    shape_class_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +91,8 @@ SAMPLE_SUBJECTS = 3
 BASE_MODEL = "base model (no subject)"
 BASE_MODEL_NAMED = "base model, colours named in the prompt"
 REAL_RENDERS = "real renders"
+AUTOENCODER = "autoencoder reconstructions"
+ADAPTER = "adapter"
 PROMPT_SEED_STRIDE = 100_000  # prompt seeds of benchmark seed s start at s * stride: no two seeds share a noise
 
 
@@ -103,6 +120,10 @@ class BenchmarkSettings:
     world_seed: int = 0
     retrieval_timestep: int = 500
     """Diffusion timestep at which S+ tokens are compared for ``s_plus_retrieval``."""
+    base_model: Path = SYNTHETIC_BASE_DIR
+    """The base pipeline folder every run trains and generates on (default: the shipped synthetic base)."""
+    adapter: Path | None = None
+    """An adapter folder scored beside the runs, without training (``"adapter"`` in ``results.json``)."""
 
     @classmethod
     def smoke(cls, output_dir: Path) -> BenchmarkSettings:
@@ -147,6 +168,9 @@ class BenchmarkSettings:
     def run_dir(self, run: str, seed: int) -> Path:
         return Path(self.output_dir) / "runs" / _slug(run) / f"seed_{seed}"
 
+    def load_base(self):
+        return load_synthetic_base(path=self.base_model)
+
 
 def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     """Train, generate and score every run and seed, then write the tables and figures; returns ``results.json``.
@@ -165,29 +189,36 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
     judge = load_world_judge()
     gallery = SubjectGallery.from_world(world, judge)
-    pipe = load_synthetic_base()
+    pipe = settings.load_base()
 
     def judged(run: str | None, seed: int, scale: float, name_colors: bool = False) -> ImageScores:
         images = _generations(settings, world, run, seed, scale, pipe=None, name_colors=name_colors)
         return judge_world_images(images, settings.prompts(world, seed, name_colors), judge, gallery, world)
 
+    def judged_images(images_of: dict[int, list[Image.Image]]) -> list[ImageScores]:
+        return [judge_world_images(images_of[s], settings.prompts(world, s), judge, gallery, world) for s in images_of]
+
     renders = {seed: [render_prompt(world, p) for p in settings.prompts(world, seed)] for seed in settings.seeds}
+    reconstructions = {seed: autoencoder_reconstructions(pipe.vae, renders[seed]) for seed in settings.seeds}
+    ceilings = {
+        "real_renders": stage_figures(judged_images(renders), world),
+        "autoencoder": stage_figures(judged_images(reconstructions), world),
+        "base_model": stage_figures([judged(None, seed, 0.0) for seed in settings.seeds], world),
+        "base_model_colours_named": stage_figures(
+            [judged(None, seed, 0.0, name_colors=True) for seed in settings.seeds], world
+        ),
+    }
     results: dict[str, Any] = {
         "seeds": len(settings.seeds),
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
-        "base_model": bootstrap_intervals([judged(None, seed, 0.0) for seed in settings.seeds]),
-        "base_model_colours_named": bootstrap_intervals(
-            [judged(None, seed, 0.0, name_colors=True) for seed in settings.seeds]
-        ),
-        "real_renders": bootstrap_intervals(
-            [
-                judge_world_images(renders[seed], settings.prompts(world, seed), judge, gallery, world)
-                for seed in settings.seeds
-            ]
-        ),
+        "ceilings": ceilings,
+        **{stage: ceilings[stage] for stage in ("base_model", "base_model_colours_named", "real_renders")},
         "runs": {},
         "sweeps": {},
     }
+    if settings.adapter is not None:
+        adapter_images = {seed: _generations(settings, world, ADAPTER, seed, 1.0, pipe) for seed in settings.seeds}
+        results["adapter"] = stage_figures(judged_images(adapter_images), world)
     for name in tqdm(runs, desc="scoring runs"):
         per_scale = {
             scale: bootstrap_intervals([judged(name, seed, scale) for seed in settings.seeds])
@@ -237,7 +268,7 @@ def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any]
     torch.set_num_threads(1)  # one thread per process is fastest on these shared cores (docs/synthetic_world.md)
     world = load_world(Path(settings.output_dir) / "world")
     if run is None:
-        pipe = load_synthetic_base()
+        pipe = settings.load_base()
         for name_colors in (False, True):
             _generations(settings, world, None, seed, 0.0, pipe, name_colors)
         return
@@ -251,7 +282,7 @@ def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any]
     if not _trained_with(config) and train(config).interrupted:
         # SIGTERM: the trainer saved a checkpoint and returned; stop rather than go on with an unfinished adapter.
         raise SystemExit(f"Stopped while training {run!r} (seed {seed}); run the same command again to resume.")
-    pipe = load_synthetic_base()
+    pipe = settings.load_base()
     for scale in settings.scales(run):
         _generations(settings, world, run, seed, scale, pipe)
 
@@ -267,20 +298,22 @@ def _generations(
 ) -> list[Image.Image]:
     """The images of one run, seed and scale: read back if made the same way, else generated with ``pipe``.
 
-    ``run=None`` is the base pipeline without a subject (``name_colors``: prompted with the subject's colours).
-    Images are stored as PNG (lossless), with a ``generation.json`` recording the prompts, sampler settings and
-    adapter weights they were made with.
+    ``run=None`` is the base pipeline without a subject (``name_colors``: prompted with the subject's colours),
+    ``run=ADAPTER`` the adapter of ``settings.adapter``. Images are stored as PNG (lossless), with a
+    ``generation.json`` recording the prompts, sampler settings, base model and adapter weights they were made with.
     """
     prompts = settings.prompts(world, seed, name_colors)
-    adapter = settings.run_dir(run, seed) if run is not None else None
+    adapter = {None: None, ADAPTER: settings.adapter}.get(run, settings.run_dir(run, seed) if run else None)
     base = Path(settings.output_dir) / ("base_model_colours_named" if name_colors else "base_model") / f"seed_{seed}"
-    folder = (adapter or base) / "generations" / f"scale_{scale:g}"
+    kept = Path(settings.output_dir) / "adapter" / f"seed_{seed}" if run == ADAPTER else adapter or base
+    folder = kept / "generations" / f"scale_{scale:g}"
     record = {
         "prompts": [dataclasses.asdict(p) for p in prompts],
         "num_inference_steps": settings.num_inference_steps,
         "guidance_scale": settings.guidance_scale,
         "scaled": "visual branch and S+ tokens",
-        "adapter_weights": _file_digest(adapter / WEIGHTS_NAME) if adapter else None,
+        "base_model": _file_digest(Path(settings.base_model) / "unet" / "diffusion_pytorch_model.safetensors"),
+        "adapter_weights": _file_digest(Path(adapter) / WEIGHTS_NAME) if adapter else None,
     }
     stored = _stored_images(folder, record)
     if stored is not None:
@@ -430,35 +463,42 @@ def _write_report(
     renders: dict[int, list[Image.Image]],
 ) -> None:
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    ceilings = results["ceilings"]
     rows = [
-        (BASE_MODEL_NAMED, results["base_model_colours_named"]),
-        (BASE_MODEL, results["base_model"]),
+        (BASE_MODEL_NAMED, ceilings["base_model_colours_named"]),
+        (BASE_MODEL, ceilings["base_model"]),
         *results["runs"].items(),
-        (REAL_RENDERS, results["real_renders"]),
+        *([(ADAPTER, results["adapter"])] if "adapter" in results else []),
+        (AUTOENCODER, ceilings["autoencoder"]),
+        (REAL_RENDERS, ceilings["real_renders"]),
+    ]
+    per_class = [(name, entry["shape_acc_per_class"]) for name, entry in rows if "shape_acc_per_class" in entry]
+    tables = [
+        intervals_table(rows, extra=(("S+ retrieval", "s_plus_retrieval"),) if runs else ()),
+        shape_class_table(per_class),
     ]
     sweeps = [
         (f"{name} @ {point['scale']:g}", point) for name, points in results["sweeps"].items() for point in points
     ]
-    table = "\n\n".join(
-        [
-            intervals_table(rows, extra=(("S+ retrieval", "s_plus_retrieval"),)),
-            intervals_table(sweeps, first_column="run @ scale"),
-            per_layer_table(
-                [(name, run["s_plus_retrieval_per_layer"]) for name, run in results["runs"].items()],
-                first_column="S+ retrieval per layer",
-            ),
-        ]
-    )
+    if sweeps:
+        tables.append(intervals_table(sweeps, first_column="run @ scale"))
+    if runs:
+        per_layer = [(name, run["s_plus_retrieval_per_layer"]) for name, run in results["runs"].items()]
+        tables.append(per_layer_table(per_layer, first_column="S+ retrieval per layer"))
+    table = "\n\n".join(tables)
     (output_dir / "results.md").write_text(table + "\n", encoding="utf-8")
-    curves = {name: results["sweeps"].get(name, [{"scale": 1.0, **results["runs"][name]}]) for name in runs}
-    references = {BASE_MODEL: results["base_model"], REAL_RENDERS: results["real_renders"]}
-    plot_intervals_tradeoff(curves, references, output_dir / "tradeoff.png", "controllability", "similarity")
     first = settings.seeds[0]
-    histories = {name: LossHistory.read(settings.run_dir(name, first)) for name in runs}
-    plot_loss_curves(histories, output_dir / "loss_curves.png")
     samples = {BASE_MODEL: _generations(settings, world, None, first, 0.0, pipe=None)}
     samples.update({name: _generations(settings, world, name, first, 1.0, pipe=None) for name in runs})
+    if "adapter" in results:
+        samples[ADAPTER] = _generations(settings, world, ADAPTER, first, 1.0, pipe=None)
     _sample_grid(output_dir / "samples.png", world, settings.prompts(world, first), renders[first], samples)
+    if runs:
+        curves = {name: results["sweeps"].get(name, [{"scale": 1.0, **results["runs"][name]}]) for name in runs}
+        references = {BASE_MODEL: results["base_model"], REAL_RENDERS: results["real_renders"]}
+        plot_intervals_tradeoff(curves, references, output_dir / "tradeoff.png", "controllability", "similarity")
+        histories = {name: LossHistory.read(settings.run_dir(name, first)) for name in runs}
+        plot_loss_curves(histories, output_dir / "loss_curves.png")
     logger.info("Results:\n%s\nwritten to %s", table, output_dir)
 
 
@@ -501,11 +541,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sweep", default=None, help="comma-separated runs also scored at every sweep scale")
     parser.add_argument("--sweep_scales", default=None, help="comma-separated adapter scales")
     parser.add_argument("--loss_weights", default="", help="comma-separated extra lambdas for the full method")
+    parser.add_argument(
+        "--ceilings_only", action="store_true", help="score the stage ceilings (and --adapter) only; train nothing"
+    )
+    parser.add_argument("--base_model", default=None, help="base pipeline folder (default: the shipped base)")
+    parser.add_argument("--adapter", default=None, help="an adapter folder to score beside the runs, untrained")
     args = parser.parse_args(argv)
     settings = (
         BenchmarkSettings.smoke(Path(args.output_dir)) if args.smoke else BenchmarkSettings(Path(args.output_dir))
     )
-    settings.variants = tuple(v for v in args.variants.split(",") if v)
+    settings.variants = () if args.ceilings_only else tuple(v for v in args.variants.split(",") if v)
+    if args.base_model is not None:
+        settings.base_model = Path(args.base_model)
+    if args.adapter is not None:
+        settings.adapter = Path(args.adapter)
     settings.loss_weights = tuple(float(w) for w in args.loss_weights.split(",") if w)
     if args.seeds is not None:
         settings.seeds = tuple(int(s) for s in args.seeds.split(","))

@@ -136,6 +136,12 @@ class WorldSpec:
             views.append(view)
         return views
 
+    def reference_image(self, subject_id: str) -> Image.Image:
+        """A subject's reference rendered in memory: frame 0 segmented on white and cropped, as
+        :meth:`World.reference_image` gives it from the files."""
+        image, mask = render_view(self.subjects[subject_id][1], self.views(subject_id)[0], self.size)
+        return subject_crop(image, binarize_mask(mask, image.size))
+
     def iter_frames(self, split: str | None = None) -> Iterator[RenderedFrame]:
         """Render every frame of a split (or of all subjects), subject by subject."""
         for subject_id in self.subject_ids(split):

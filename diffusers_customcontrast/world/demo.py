@@ -31,8 +31,15 @@ from .. import load_customcontrast, unload_customcontrast
 from ..training import train
 from ..training.export import LossHistory
 from .base_model import load_synthetic_base
+from .ceilings import autoencoder_reconstructions
 from .dataset import write_world
-from .evaluation import evaluate_on_world, evaluation_prompts, render_prompt, score_world_images
+from .evaluation import (
+    evaluate_on_world,
+    evaluation_prompts,
+    generate_world_images,
+    render_prompt,
+    score_world_images,
+)
 from .judge import load_world_judge
 from .metrics import SubjectGallery
 from .recipe import WORLD_ADAPTER_DIR, world_training_config
@@ -41,7 +48,14 @@ from .report import image_grid, plot_loss_curves, scores_table
 logger = logging.getLogger(__name__)
 
 SMOKE = {"num_train_subjects": 8, "num_heldout_subjects": 2, "frames_per_subject": 3}
-ROWS = ("base model, no subject (scale 0)", "CustomContrast (scale 1)", "real renders (upper bound)")
+ROWS = (
+    "base model, no subject (scale 0)",
+    "base model, colours named in the prompt",
+    "CustomContrast (scale 1)",
+    "autoencoder reconstructions (ceiling of the UNet)",
+    "real renders (upper bound)",
+)
+"""The report's rows: the base model and the adapter, then the chain's stage ceilings (:mod:`.ceilings`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -91,19 +105,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     unload_customcontrast(pipe)
     restored = np.array_equal(np.asarray(before), np.asarray(_generate_plain(pipe, check_prompt.prompt, args)))
+    named = evaluation_prompts(
+        world, num_subjects=args.eval_subjects, scenes_per_subject=args.scenes_per_subject, name_colors=True
+    )
+    from_words = generate_world_images(
+        pipe, world, named, num_inference_steps=args.num_inference_steps, use_subject=False, progress=False
+    )
 
     logger.info("[4/4] Writing the report to %s", report_dir)
     renders = [render_prompt(world, p) for p in prompts]
-    rows = dict(
-        zip(
-            ROWS,
-            (
-                scored[0.0][0].to_dict(),
-                scored[1.0][0].to_dict(),
-                score_world_images(renders, prompts, judge, gallery, world).to_dict(),
-            ),
-        )
+    scored_images = (
+        scored[0.0][1],
+        from_words,
+        scored[1.0][1],
+        autoencoder_reconstructions(pipe.vae, renders),
+        renders,
     )
+    rows = {row: score_world_images(images, prompts, judge, gallery, world).to_dict()
+            for row, images in zip(ROWS, scored_images)}  # fmt: skip
     metrics = {
         "rows": rows,
         **training,
@@ -222,7 +241,11 @@ def _report_text(table: str, metrics: dict, args: argparse.Namespace, curves: bo
             "acc. is how often the nearest of the 50 held-out subjects to an image is its own subject (chance 2 %); "
             "colour acc. (photos only), texture and shape acc. how often the judge reads the subject's attribute; "
             "controllability how often the prompted scene is there (background for photos, no colour for sketches); "
-            "subject similarity the judge's identity cosine. The real renders row is the ceiling.",
+            "subject similarity the judge's identity cosine. The last rows are the ceilings of the chain every "
+            "generation passes through: the real renders (a perfect generation), the base pipeline's autoencoder "
+            "reconstructions of them (the best any UNet on its latents can do) and the base model told the subject's "
+            "colours in words (what the prompt alone reaches); an adapter can only be as good as the stages before it "
+            "(docs/synthetic_world.md).",
             "",
             table,
             "",

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..data.synthetic import SHAPES
 from ..evaluation.report import markdown_table
 
 __all__ = ["image_grid", "intervals_table", "plot_intervals_tradeoff", "plot_loss_curves", "scores_table", "smoothed"]
@@ -147,6 +148,16 @@ def per_layer_table(rows: Sequence[tuple[str, Sequence[float]]], first_column: s
         columns,
         first_column=first_column,
         formatter=lambda value: "-" if value is None else f"{value:.3f}",
+    ).rstrip("\n")
+
+
+def shape_class_table(rows: Sequence[tuple[str, Mapping[str, float]]], first_column: str = "shape accuracy") -> str:
+    """A markdown table of per-class shape accuracy: a row per (name, ``{shape: fraction}``), a column per shape."""
+    return markdown_table(
+        rows,
+        [(shape, shape) for shape in SHAPES],
+        first_column=first_column,
+        formatter=lambda value: "-" if value is None else f"{value:.0%}",
     ).rstrip("\n")
 
 

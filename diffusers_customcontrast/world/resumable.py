@@ -87,7 +87,8 @@ class RunCheckpoints:
     def load_progress(self, stage: str) -> dict | None:
         path = self.root / f"{stage}.progress.pt"
         # Our own file, and weights_only refuses anything but tensors and plain containers all the same.
-        return torch.load(path, weights_only=True) if path.is_file() else None
+        # Read onto the CPU: a run checkpointed on a GPU resumes anywhere (load_state_dict moves each tensor back).
+        return torch.load(path, weights_only=True, map_location="cpu") if path.is_file() else None
 
     def save_progress(self, stage: str, state: dict) -> None:
         path = self.root / f"{stage}.progress.pt"

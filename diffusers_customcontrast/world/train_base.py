@@ -7,8 +7,10 @@ exact command, its cost and losses)::
 
 Stages (each one seeded, so a run with the same arguments and thread count gives the same weights):
 
-1. **VAE** (``AutoencoderKL``, 64 px <-> 16 x 16 x 8): L1 reconstruction + a small KL term on the world's scenes.
-   Its ``scaling_factor`` is then set to 1 / std of the training latents, as SD does.
+1. **Autoencoder**, by ``--autoencoder``: ``kl``, an ``AutoencoderKL`` (64 px <-> 16 x 16 x 8) trained with L1
+   reconstruction + a small KL term on the world's scenes, its ``scaling_factor`` then set to 1 / std of the
+   training latents as SD does; or ``patch``, the exact :class:`~.autoencoder.PatchAutoencoder` (16 x 16 x 48),
+   which needs no training, only the per-channel mean and std of the scenes.
 2. **Image encoder** (a tiny ``CLIPVisionModelWithProjection``): subjects segmented on white (the references the
    adapter sees), InfoNCE between two views of the same subject plus classification of the subject's shape,
    texture and colours, so that its features carry subject identity. Sketch frames are left out (no colour).
@@ -20,6 +22,11 @@ Stages (each one seeded, so a run with the same arguments and thread count gives
 Only the world's ``train`` subjects are used: the held-out subjects stay unseen by every component. The run is
 resumable (:mod:`.resumable`): it checkpoints under ``<output_dir>/checkpoints`` every ``checkpoint_every`` steps and
 on SIGTERM, and the same command continues where it stopped, with the weights of an uninterrupted run.
+
+On a GPU (``--device cuda --mixed_precision bf16`` and a larger ``--unet_batch_size``) each stage can run on its own
+(``--stages unet --init_from <folder>`` takes the other components from a finished run); its checkpoints are read
+back on any device, so a run started on a GPU can be resumed or shipped from a CPU machine. ``--smoke`` trains a
+tiny world for a few steps of every stage (seconds), to check a command before spending a GPU on it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import copy
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -43,7 +51,9 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject, caption_for_view, render_view
 from ..data.transforms import binarize_mask, resize_center_crop, subject_crop
+from .autoencoder import PatchAutoencoder
 from .base_model import (
+    AUTOENCODERS,
     IMAGE_ENCODER_SIZE,
     PREDICTION_TYPE,
     assemble_pipeline,
@@ -52,7 +62,6 @@ from .base_model import (
     build_tokenizer,
     build_train_scheduler,
     build_unet,
-    build_vae,
 )
 from .dataset import RenderedFrame, WorldSpec
 from .resumable import RunCheckpoints, run_steps
@@ -66,7 +75,8 @@ class TrainBaseConfig:
 
     ``stages`` not listed are loaded from ``init_from`` (default ``output_dir``), e.g. to retrain the UNet alone.
     Results depend on ``threads`` too (float reductions split differently), so a reproduction must use the same.
-    ``checkpoint_every`` and ``log_every`` do not change the weights; every other field must stay the same to resume.
+    ``checkpoint_every``, ``log_every``, ``snapshot_every`` and ``device`` do not change the weights (beyond float
+    rounding); every other field must stay the same to resume.
     """
 
     output_dir: str
@@ -74,6 +84,9 @@ class TrainBaseConfig:
     threads: int = 1
     stages: Sequence[str] = STAGES
     init_from: str | None = None
+    autoencoder: str = "kl"
+    device: str = "cpu"
+    mixed_precision: str = "no"
     num_train_subjects: int = 300
     num_heldout_subjects: int = 50
     frames_per_subject: int = 48
@@ -96,13 +109,38 @@ class TrainBaseConfig:
     ema_decay: float = 0.9995
     checkpoint_every: int = 500
     log_every: int = 100
+    snapshot_every: int = 0
+    """Also write the UNet stage's EMA text encoder and UNet to ``snapshots/step_<n>`` every so many steps (0: never),
+    for learning curves (:mod:`.ceilings` scores them)."""
+
+    def __post_init__(self) -> None:
+        if self.autoencoder not in AUTOENCODERS:
+            raise ValueError(f"expected --autoencoder to be one of {sorted(AUTOENCODERS)}, got {self.autoencoder!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"expected --mixed_precision to be one of {sorted(PRECISIONS)}, got {self.mixed_precision!r}"
+            )
 
     def run_settings(self) -> dict:
         """The fields that decide the weights (what a resumed run must share with the run it continues)."""
         settings = {**asdict(self), "stages": list(self.stages)}
-        for name in ("output_dir", "checkpoint_every", "log_every"):
+        for name in ("output_dir", "checkpoint_every", "log_every", "snapshot_every", "device"):
             settings.pop(name)
         return settings
+
+    @classmethod
+    def smoke(cls, output_dir: str, **overrides) -> TrainBaseConfig:
+        """A few steps of every stage on a tiny world: checks a command (and its device) in seconds."""
+        tiny = dict(
+            num_train_subjects=3, num_heldout_subjects=2, frames_per_subject=3, vae_steps=2, vae_batch_size=2,
+            image_encoder_steps=2, image_encoder_batch_size=2, unet_steps=4, unet_batch_size=2, unet_lr_cycles=1,
+            checkpoint_every=2, log_every=1,
+        )  # fmt: skip
+        return cls(output_dir=output_dir, **{**tiny, **overrides})
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""``--mixed_precision`` -> the autocast dtype of the UNet stage (fp16 also scales the loss)."""
 
 
 @dataclass
@@ -198,6 +236,23 @@ def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def make_autoencoder(
+    frames: TrainingFrames,
+    config: TrainBaseConfig,
+    record: TrainingRecord,
+    checkpoints: RunCheckpoints,
+    log: Callable[[str], None] = print,
+) -> AutoencoderKL | PatchAutoencoder:
+    """The autoencoder stage: :func:`train_vae`, or the patch autoencoder fitted to the scenes' statistics."""
+    if config.autoencoder == "kl":
+        return train_vae(frames, config, record, checkpoints, log)
+    began, cpu = time.perf_counter(), time.process_time()
+    autoencoder = AUTOENCODERS[config.autoencoder]().fit_statistics(_to_unit_range(frames.images))
+    seconds = {"wall": time.perf_counter() - began, "cpu": time.process_time() - cpu}
+    record.add_stage("vae", {}, seconds)
+    return autoencoder.eval().requires_grad_(False)
+
+
 def train_vae(
     frames: TrainingFrames,
     config: TrainBaseConfig,
@@ -208,7 +263,7 @@ def train_vae(
     """Train the VAE (L1 + KL) and set its ``scaling_factor`` from the training latents."""
     generator = torch.Generator().manual_seed(config.seed)
     with _seeded(config.seed):
-        vae = build_vae().train()
+        vae = AUTOENCODERS["kl"]().train()
     with torch.no_grad():
         # Start near-deterministic (posterior std ~0.05 instead of 1): the decoder then learns from clean latents at
         # once, and the small KL term lets the std grow only where it costs nothing.
@@ -239,7 +294,7 @@ def train_vae(
 
 @torch.no_grad()
 def encode_latents(
-    vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128
+    vae: AutoencoderKL | PatchAutoencoder, images: torch.Tensor, batch_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std (unscaled) of ``images`` (uint8) under ``vae``."""
     means, stds = [], []
@@ -401,17 +456,23 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 def train_unet(
     frames: TrainingFrames,
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | PatchAutoencoder,
     config: TrainBaseConfig,
     record: TrainingRecord,
     checkpoints: RunCheckpoints,
     log: Callable[[str], None] = print,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
-    """Train the text encoder and the UNet together on the frames' latents and captions; return the EMA weights."""
+    """Train the text encoder and the UNet together on the frames' latents and captions; return the EMA weights.
+
+    Runs on ``config.device`` under ``config.mixed_precision`` autocast; every random draw is made on the CPU, so a
+    run's batches are the same on every device.
+    """
+    device = torch.device(config.device)
     generator = torch.Generator().manual_seed(config.seed + 2)
     tokenizer = build_tokenizer()
     with _seeded(config.seed + 2):
-        text_encoder, unet = build_text_encoder(tokenizer).train(), build_unet().train()
+        text_encoder = build_text_encoder(tokenizer).train()
+        unet = build_unet(vae.config.latent_channels).train()
     scheduler = build_train_scheduler(config.prediction_type)
     mean, std = encode_latents(vae, frames.images)
     scaling = vae.config.scaling_factor
@@ -420,13 +481,14 @@ def train_unet(
     empty_ids = tokenize(tokenizer, [""])
     weights = loss_weights(scheduler.alphas_cumprod, config.prediction_type, config.min_snr_gamma)
 
-    modules = torch.nn.ModuleList([text_encoder, unet])
+    modules = torch.nn.ModuleList([text_encoder, unet]).to(device)
     ema = copy.deepcopy(modules).requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr, weight_decay=0.01)
     cycle = config.unet_steps // config.unet_lr_cycles
     schedule = _cosine_schedule(
         optimizer, config.unet_steps, warmup=min(100, cycle // 10), cycles=config.unet_lr_cycles
     )
+    precision = _Precision(config.mixed_precision, device)
 
     def step(index: int) -> dict[str, float]:
         rows = _batch_indices(len(mean), config.unet_batch_size, generator)
@@ -438,16 +500,55 @@ def train_unet(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
-        _step(optimizer, schedule, (weights[timesteps] * per_sample).mean(), modules.parameters())
+        noisy, target, ids, timesteps = (v.to(device) for v in (noisy, target, ids, timesteps))
+        with precision.autocast():
+            prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+        per_sample = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (weights.to(device)[timesteps] * per_sample).mean()
+        precision.step(optimizer, schedule, loss, modules.parameters())
         _ema_update(ema, modules, min(config.ema_decay, (1 + index) / (10 + index)))
+        if config.snapshot_every and (index + 1) % config.snapshot_every == 0:
+            _save_snapshot(Path(config.output_dir) / "snapshots" / f"step_{index + 1}", ema, tokenizer)
         return {"mse": per_sample.mean().item()}
 
-    state = {"modules": modules, "ema": ema, "optimizer": optimizer, "schedule": schedule}
+    state = {"modules": modules, "ema": ema, "optimizer": optimizer, "schedule": schedule, **precision.state()}
     record.add_stage("unet", *_run(checkpoints, "unet", config.unet_steps, step, state, generator, config, log))
-    text_encoder, unet = (m.eval() for m in ema)
+    text_encoder, unet = (m.eval().cpu() for m in ema)
     return unet, text_encoder, tokenizer
+
+
+class _Precision:
+    """Autocast and the optimizer step for ``--mixed_precision`` (a loss scaler for fp16, as accelerate does)."""
+
+    def __init__(self, mixed_precision: str, device: torch.device) -> None:
+        self.dtype = PRECISIONS[mixed_precision]
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def state(self) -> dict:
+        return {"scaler": self.scaler} if self.scaler is not None else {}
+
+    def step(self, optimizer, schedule, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter]) -> None:
+        if self.scaler is None:
+            _step(optimizer, schedule, loss, parameters)
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(parameters), 1.0)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        schedule.step()
+
+
+def _save_snapshot(folder: Path, ema: torch.nn.ModuleList, tokenizer: CLIPTokenizer) -> None:
+    """The EMA text encoder and UNet (and the tokenizer) as pipeline component folders."""
+    for name, module in zip(("text_encoder", "unet"), ema):
+        module.save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / "tokenizer")
 
 
 def loss_weights(alphas_cumprod: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
@@ -569,7 +670,7 @@ def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> Stab
         log(f"[{stage}] done in {record.times[stage]:.0f} s ({record.times[f'{stage}_cpu']:.0f} s of CPU time)")
         return models
 
-    (vae,) = run("vae", lambda: (train_vae(frames, config, record, checkpoints, log),), lambda: (previous.vae,))
+    (vae,) = run("vae", lambda: (make_autoencoder(frames, config, record, checkpoints, log),), lambda: (previous.vae,))
     image_encoder, processor = run(
         "image_encoder",
         lambda: train_image_encoder(frames, config, record, checkpoints, log, render_training_frames(spec, "heldout")),
@@ -604,6 +705,7 @@ _STAGE_MODELS: dict[str, tuple[str, ...]] = {
 
 _COMPONENT_CLASSES = {
     "vae": AutoencoderKL,
+    "PatchAutoencoder": PatchAutoencoder,
     "image_encoder": CLIPVisionModelWithProjection,
     "feature_extractor": CLIPImageProcessor,
     "unet": UNet2DConditionModel,
@@ -613,6 +715,9 @@ _COMPONENT_CLASSES = {
 
 
 def _load_model(name: str, folder: Path):
+    if name == "vae":  # either autoencoder, as its config names it
+        name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name", "vae")
+        name = name if name in _COMPONENT_CLASSES else "vae"
     model = _COMPONENT_CLASSES[name].from_pretrained(folder)
     return model.eval().requires_grad_(False) if isinstance(model, torch.nn.Module) else model
 
@@ -655,6 +760,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainBaseConfig:
     )
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (alias of --unet_steps)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny world and a few steps per stage (seconds)")
     parser.add_argument(
         "--stages", default=",".join(STAGES), help="comma-separated stages to train; others are loaded"
     )
@@ -664,10 +770,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainBaseConfig:
         kind = type(value) if value is not None else str
         parser.add_argument(f"--{name}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
-    steps = args.pop("steps")
+    steps, smoke = args.pop("steps"), args.pop("smoke")
     if steps is not None:
         args["unet_steps"] = steps
     args["stages"] = tuple(s for s in args["stages"].split(",") if s)
+    if smoke:  # the smoke sizes, except what the command line set explicitly
+        given = {k: v for k, v in args.items() if v != getattr(defaults, k, None) or k == "output_dir"}
+        return TrainBaseConfig.smoke(**given)
     return TrainBaseConfig(**args)
 
 

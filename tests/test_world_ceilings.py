@@ -1,0 +1,132 @@
+"""The world's chain, stage by stage: the exact patch autoencoder, the stage ceilings, and the GPU-ready base recipe."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffusers_customcontrast.data.synthetic import SHAPES
+from diffusers_customcontrast.world import benchmark, load_synthetic_base, write_world
+from diffusers_customcontrast.world.autoencoder import PatchAutoencoder
+from diffusers_customcontrast.world.ceilings import (
+    CEILING_STAGES,
+    autoencoder_reconstructions,
+    shape_accuracy_per_class,
+)
+from diffusers_customcontrast.world.evaluation import evaluation_prompts, judge_world_images, render_prompt
+from diffusers_customcontrast.world.judge import load_world_judge
+from diffusers_customcontrast.world.metrics import SubjectGallery
+from diffusers_customcontrast.world.recipe import WORLD_ADAPTER_DIR
+from diffusers_customcontrast.world.train_base import TrainBaseConfig, parse_args, train_base
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    return write_world(
+        tmp_path_factory.mktemp("world"), num_train_subjects=4, num_heldout_subjects=8, frames_per_subject=4
+    )
+
+
+def test_patch_autoencoder_round_trips_exactly_and_scales_like_a_vae():
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    autoencoder = PatchAutoencoder(patch_size=4).fit_statistics(images)
+    latents = autoencoder.encode(images).latent_dist.sample(torch.Generator().manual_seed(0))
+    assert latents.shape == (3, 48, 16, 16)
+    # Normalised per channel (what the UNet sees), deterministic, and decoded back to the pixels.
+    assert latents.transpose(0, 1).flatten(1).mean(dim=1).abs().max() < 1e-5
+    assert torch.allclose(latents.transpose(0, 1).flatten(1).std(dim=1), torch.ones(48), atol=1e-4)
+    assert torch.equal(latents, autoencoder.encode(images).latent_dist.mode())
+    assert (autoencoder.decode(latents).sample - images).abs().max() < 1e-6
+    assert (autoencoder(images).sample - images).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="power of two, got 3"):
+        PatchAutoencoder(patch_size=3)
+    with pytest.raises(ValueError, match="divisible by 4, got \\(30, 30\\)"):
+        autoencoder.encode(torch.zeros(1, 3, 30, 30))
+
+
+def test_a_pipeline_with_the_patch_autoencoder_saves_and_loads_offline(tmp_path: Path, caplog):
+    base = load_synthetic_base()
+    autoencoder = PatchAutoencoder(patch_size=4).fit_statistics(torch.rand(4, 3, 64, 64) * 2 - 1)
+    pipe = StableDiffusionPipeline(**{**base.components, "vae": autoencoder})
+    assert pipe.vae_scale_factor == 4
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers_customcontrast.world.autoencoder", "PatchAutoencoder"]
+    with caplog.at_level(logging.WARNING):
+        loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert isinstance(loaded.vae, PatchAutoencoder)
+    assert sum("Expected types for vae" in r.getMessage() for r in caplog.records) == 1
+    assert torch.equal(loaded.vae.latents_std, autoencoder.latents_std)
+    assert loaded.to(torch.bfloat16).vae.dtype == torch.bfloat16
+
+
+def test_patch_autoencoder_reconstructions_are_judged_as_the_real_renders(world):
+    """The exact autoencoder's ceiling is the real renders': every reading of the judge is the same."""
+    judge = load_world_judge()
+    gallery = SubjectGallery.from_world(world, judge)
+    prompts = evaluation_prompts(world, num_subjects=6, scenes_per_subject=3)
+    renders = [render_prompt(world, p) for p in prompts]
+    autoencoder = PatchAutoencoder(patch_size=4)
+    reconstructions = autoencoder_reconstructions(autoencoder, renders)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(renders, reconstructions))
+    real = judge_world_images(renders, prompts, judge, gallery, world)
+    rebuilt = judge_world_images(reconstructions, prompts, judge, gallery, world)
+    for field in ("identified", "shape", "texture", "color", "obeyed"):
+        assert np.array_equal(getattr(real, field), getattr(rebuilt, field)), field
+    # A lossy autoencoder is read differently: the ceiling measures the loss (here, every image blurred flat).
+    blurred = autoencoder_reconstructions(_Blur(), renders)
+    assert judge_world_images(blurred, prompts, judge, gallery, world).shape.mean() < real.shape.mean()
+    per_class = shape_accuracy_per_class([real], world)
+    assert set(per_class) <= set(SHAPES) and all(0.0 <= v <= 1.0 for v in per_class.values())
+
+
+class _Blur(PatchAutoencoder):
+    """Decodes every patch to its mean colour: a lossy stand-in for a learned autoencoder."""
+
+    def decode(self, z, return_dict=True, generator=None):
+        folded = z.unflatten(1, (3, -1)).mean(dim=2, keepdim=True).expand(-1, -1, 16, -1, -1).flatten(1, 2)
+        return super().decode(folded, return_dict=return_dict)
+
+
+def test_ceilings_only_benchmark_scores_every_stage_and_the_adapter(tmp_path: Path):
+    results = benchmark.main(
+        ["--smoke", "--ceilings_only", "--output_dir", str(tmp_path), "--adapter", str(WORLD_ADAPTER_DIR)]
+    )
+    assert list(results["ceilings"]) == list(CEILING_STAGES) and results["runs"] == {}
+    metrics = {"identity_acc", "shape_acc", "colour_acc", "texture_acc", "controllability", "similarity"}
+    for entry in (*results["ceilings"].values(), results["adapter"]):
+        assert metrics <= set(entry)
+        assert set(entry["shape_acc_per_class"]) <= set(SHAPES)
+    # The base model's figures are the same numbers under both keys.
+    assert results["base_model"] == results["ceilings"]["base_model"]
+    report = (tmp_path / "results.md").read_text()
+    assert "| autoencoder reconstructions |" in report and "| shape accuracy | circle |" in report
+    assert (tmp_path / "samples.png").is_file() and not (tmp_path / "tradeoff.png").exists()
+
+
+def test_train_base_smoke_on_the_patch_autoencoder_with_mixed_precision(tmp_path: Path):
+    """The GPU command's smoke mode, on the CPU: bf16 autocast, the patch latents, snapshots for learning curves."""
+    config = parse_args(
+        ["--output_dir", str(tmp_path), "--smoke", "--autoencoder", "patch", "--mixed_precision", "bf16",
+         "--device", "cpu", "--snapshot_every", "2"]
+    )  # fmt: skip
+    assert config.unet_steps == 4 and config.num_train_subjects == 3 and config.autoencoder == "patch"
+    train_base(config, log=lambda message: None)
+    pipe = load_synthetic_base(path=tmp_path)
+    assert isinstance(pipe.vae, PatchAutoencoder) and pipe.unet.config.in_channels == 48
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step_2", "step_4"]
+    image = pipe("a star on grass", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_train_base_refuses_unknown_choices_in_one_sentence():
+    with pytest.raises(ValueError, match="expected --autoencoder to be one of \\['kl', 'patch'\\], got 'vq'"):
+        TrainBaseConfig(output_dir="x", autoencoder="vq")
+    with pytest.raises(ValueError, match="expected --mixed_precision to be one of"):
+        TrainBaseConfig(output_dir="x", mixed_precision="fp8")

@@ -80,7 +80,7 @@ def test_a_missing_local_path_is_refused_without_asking_the_hub(sd15_pipe, saved
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked for a local path")
 
-    monkeypatch.setattr("diffusers_customcontrast.loaders.serialization.hf_hub_download", no_hub)
+    monkeypatch.setattr("diffusers_customcontrast.models.checkpoint.hf_hub_download", no_hub)
     monkeypatch.chdir(saved_adapter.parent)
     source = {"dot": "./adaptr", "under_existing_folder": "adapter/typo", "absolute": str(saved_adapter) + "x"}[kind]
     with pytest.raises(ValueError, match=r"is not a folder on this machine, and it is a path rather than a hub"):
@@ -148,8 +148,9 @@ def test_pipeline_without_ip_adapter_support(sd15_pipe):
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    assert not hasattr(pipe, "load_customcontrast")  # the package adds its methods only where they can work
     with pytest.raises(ValueError, match="DDPMPipeline has no IP-Adapter support"):
-        pipe.load_customcontrast(tiny_adapter(sd15_pipe))
+        dcc.load_customcontrast(pipe, tiny_adapter(sd15_pipe))
 
 
 def test_ip_adapter_already_loaded(sd15_pipe):

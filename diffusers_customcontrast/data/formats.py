@@ -165,14 +165,11 @@ def read_image(source: ImageSource, what: str = "image") -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparency is composited on white (the colour segmented subjects sit on)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    """RGB copy of ``image``, read exactly as inference reads a subject image (one reader for both, so training and
+    inference see the same pixels: transparency on white, 16-bit images scaled rather than clipped to white)."""
+    from ..loaders.inputs import to_rgb  # imported on first use: importing the data package stays free of diffusers
+
+    return to_rgb(image)
 
 
 def _value_to_image(value: Any, where: str) -> Image.Image:

@@ -220,12 +220,20 @@ def detach(unet: nn.Module) -> CustomContrastAdapter | None:
         }
     )
     if _owns_projection(unet, state):
-        unet.encoder_hid_proj = state.original_encoder_hid_proj
+        _restore_projection(unet, state.original_encoder_hid_proj)
         unet.config.encoder_hid_dim_type = state.original_encoder_hid_dim_type
     for cleanup in reversed(state.cleanups):
         cleanup()
     delattr(unet, STATE_ATTRIBUTE)
     return state.adapter
+
+
+def _restore_projection(unet: nn.Module, original: nn.Module | None) -> None:
+    """Put ``encoder_hid_proj`` back as it was: a UNet built without one holds ``None`` as a plain attribute, and
+    assigning ``None`` to a registered submodule would leave an empty entry in its ``_modules`` instead."""
+    if original is None:
+        del unet.encoder_hid_proj
+    unet.encoder_hid_proj = original
 
 
 def reconcile(unet: nn.Module) -> AttachedAdapter | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -13,6 +14,17 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .adapter_layer import CustomContrastLayer
+from .checkpoint import (
+    CONFIG_NAME,
+    EARLIER_LAYOUT_KEY,
+    WEIGHTS_NAME,
+    AdapterLoadError,
+    check_flat,
+    check_state_dict,
+    read_config,
+    read_state_dict,
+    resolve_file,
+)
 from .config import CustomContrastAdapterConfig
 from .mfi_encoder import MFIEncoder, SubjectTokens
 from .unet_layout import CrossAttentionLayout, attention_module, cross_attention_layout
@@ -27,18 +39,19 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
     r"""The MFI encoder and the per-layer visual cross-attention and location heads of CustomContrast.
 
     The base model stays frozen; this module holds everything that is trained. Build a fresh one for a UNet with
-    :meth:`from_unet`, load a trained one with ``from_pretrained`` (a local folder or a hub id, as every diffusers
-    model), and attach it to a pipeline with ``pipe.load_customcontrast(adapter)``.
+    :meth:`from_unet`, load a trained one with :meth:`from_pretrained` (a local folder or a hub id, every file
+    checked), and attach it to a pipeline with ``pipe.load_customcontrast(adapter)``.
 
     ``adapter(image_features, timesteps)`` computes the tokens of every cross-attention layer at once. Inside a
     pipeline the UNet calls it once per step; training calls it directly.
 
     Args:
-        config: the adapter's shape and what it was built for. ``adapter.adapter_config`` keeps it;
-            ``adapter.config`` is diffusers' view of the same fields (what ``config.json`` holds).
+        config: the adapter's shape and what it was built for. It is registered the diffusers way
+            (``adapter.config``, what ``config.json`` holds: the one config); ``adapter.adapter_config`` is a
+            read-only typed view of it.
     """
 
-    config_name = "config.json"
+    config_name = CONFIG_NAME
 
     def __init__(self, config: CustomContrastAdapterConfig) -> None:
         super().__init__()
@@ -48,7 +61,6 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
                 "CustomContrastAdapter.from_config(dict) for the fields of a config.json."
             )
         self.register_to_config(**config.to_dict())
-        self.adapter_config = config
         self.encoder = MFIEncoder(config)
         self.layers = nn.ModuleList(
             CustomContrastLayer(
@@ -96,6 +108,65 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
             adapter.init_visual_attention_from(unet)
         return adapter
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        weight_name: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **hub_kwargs: Any,
+    ) -> CustomContrastAdapter:
+        """Load a saved adapter folder (``config.json`` + safetensors weights), local or a hub repository id.
+
+        Every file is checked before an adapter is returned: the config's fields, the weights' keys and shapes
+        against it, dense finite floating-point tensors, safetensors (or a ``.bin`` readable with
+        ``torch.load(weights_only=True)``); any problem is a one-sentence :class:`AdapterLoadError`.
+
+        Args:
+            pretrained_model_name_or_path: a local folder or a hub repository id.
+            subfolder: the adapter's folder inside it.
+            weight_name: the weight file (default ``diffusion_pytorch_model.safetensors``).
+            torch_dtype: the dtype of the returned adapter (default: the file's).
+            **hub_kwargs: ``cache_dir``, ``force_download``, ``local_files_only``, ``token``, ``revision``.
+        """
+        config_path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **hub_kwargs)
+        weights = resolve_file(pretrained_model_name_or_path, weight_name or WEIGHTS_NAME, subfolder, **hub_kwargs)
+        adapter = cls.from_state_dict(read_config(config_path), read_state_dict(weights))
+        return adapter if torch_dtype is None else adapter.to(torch_dtype)
+
+    @classmethod
+    def from_state_dict(cls, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> CustomContrastAdapter:
+        """An adapter from the fields of a ``config.json`` and its weights, checked as :meth:`from_pretrained` checks
+        files; the tensors move in without a second copy (meta init + assign)."""
+        check_flat(state_dict)
+        try:
+            # Every tensor the constructor makes is on the meta device: a config asking for huge sizes costs nothing.
+            with torch.device("meta"):
+                adapter = cls.from_config(config)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise AdapterLoadError(f"Invalid CustomContrast adapter config: {error}") from error
+        if EARLIER_LAYOUT_KEY in state_dict:
+            raise AdapterLoadError(
+                "This adapter was saved in the layout of diffusers-customcontrast before format 2 (a visual Q-Former "
+                "of learned-query blocks), which this version cannot read: the visual Q-Former is now "
+                "IP-Adapter-Plus's Resampler, so retrain the adapter (e.g. starting from IP-Adapter-Plus, see "
+                "docs/training.md)."
+            )
+        adapter.load_state_dict(check_state_dict(adapter.state_dict(), state_dict), strict=True, assign=True)
+        return adapter.eval()
+
+    @property
+    def adapter_config(self) -> CustomContrastAdapterConfig:
+        """The config as a typed, checked, read-only value: a view of ``self.config`` (the one config), rebuilt when
+        ``register_to_config`` replaces it."""
+        source = self.config
+        cached = self.__dict__.get("_adapter_config_view")
+        if cached is None or cached[0] is not source:
+            cached = (source, CustomContrastAdapterConfig.from_dict(source))
+            self.__dict__["_adapter_config_view"] = cached
+        return cached[1]
+
     @property
     def layout(self) -> CrossAttentionLayout:
         """The cross-attention layout this adapter was built for."""
@@ -117,8 +188,8 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
     def record_s_plus_scale(self, value: float) -> None:
         """Make ``value`` the S+ scale the adapter is loaded with (its config's ``s_plus_scale``, which
         ``save_pretrained`` writes); a pipeline it is loaded into keeps its own scale."""
-        self.adapter_config = self.adapter_config.replace(s_plus_scale=value)
-        self.register_to_config(s_plus_scale=self.adapter_config.s_plus_scale)
+        checked = self.adapter_config.replace(s_plus_scale=value)  # one-sentence error for a bad value
+        self.register_to_config(s_plus_scale=checked.s_plus_scale)
 
     def __repr__(self) -> str:
         # One line, not the module tree: load_customcontrast returns the adapter, and a notebook prints what a cell

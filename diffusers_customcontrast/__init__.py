@@ -11,6 +11,7 @@ Importing the package adds ``load_customcontrast``, ``unload_customcontrast``, `
 
 from .attention_processor import CustomContrastAttnProcessor2_0
 from .conditioning import StepRecord, SubjectConditioning, SubjectOptions, SubjectRecording
+from .loaders.image_projection import CustomContrastImageProjection
 from .loaders.injection import attach, detach
 from .loaders.pipeline import (
     encode_customcontrast_subjects,
@@ -22,7 +23,6 @@ from .loaders.pipeline import (
 )
 from .loaders.serialization import AdapterLoadError, load_adapter
 from .models import CustomContrastAdapter, CustomContrastAdapterConfig, MFIEncoder, SubjectTokens
-from .models.image_projection import CustomContrastImageProjection
 
 __version__ = "0.1.0"
 

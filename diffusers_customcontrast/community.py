@@ -7,7 +7,6 @@ maps of every step returned for inspection (like the paper's figure of location 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +15,8 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from .conditioning import OPTIONS_KEY, StepRecord
+from .conditioning import OPTIONS_KEY, StepRecord, SubjectRecording
 from .loaders import injection
-from .loaders.pipeline import record_customcontrast
 
 
 @dataclass
@@ -71,13 +69,13 @@ class CustomContrastPipelineMixin:
         if subject_masks is not None:
             extra["ip_adapter_masks"] = [self._subject_mask_tensor(subject_masks, kwargs)]
         per_call = (subject_scale, s_plus_scale, subject_start, subject_end)
-        if any(option is not None for option in per_call):
-            extra[OPTIONS_KEY] = injection.subject_options(self.unet, *per_call)
+        recording = SubjectRecording(self.unet) if return_location_maps else None
+        if recording is not None or any(option is not None for option in per_call):
+            extra[OPTIONS_KEY] = injection.subject_options(self.unet, *per_call, recording=recording)
         if extra:
             kwargs["cross_attention_kwargs"] = {**(kwargs.get("cross_attention_kwargs") or {}), **extra}
 
-        with record_customcontrast(self) if return_location_maps else nullcontext() as recording:
-            output = super().__call__(*args, **kwargs)
+        output = super().__call__(*args, **kwargs)
         maps = [mean_location_map(step) for step in recording.steps if step.location_maps] if recording else None
 
         images, nsfw = (

@@ -33,7 +33,7 @@ from controlnet_aux import CannyDetector
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to every diffusers pipeline)
+import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to the IP-Adapter pipelines)
 
 CANNY_CONTROLNET = "lllyasviel/sd-controlnet-canny"
 

@@ -29,7 +29,7 @@ from _common import (
 )
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to every diffusers pipeline)
+import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to the IP-Adapter pipelines)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

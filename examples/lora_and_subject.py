@@ -31,7 +31,7 @@ from _common import (
 )
 from diffusers import AutoPipelineForText2Image
 
-import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to every diffusers pipeline)
+import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to the IP-Adapter pipelines)
 
 LORA_NAME = "lora"
 

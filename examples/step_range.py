@@ -5,9 +5,9 @@
 
 The early steps lay out the image (pose, composition), the late ones paint details. Giving the subject the early steps
 only (``0:0.6``) keeps its shape and lets the prompt restyle it; starting late (``0.3:1``) lets the prompt choose the
-layout and the subject fill it in. Each ``--range START:END`` (fractions of the steps, ``0 <= START < END <= 1``) makes
-one set of images from the same seeds, named ``range<START>-<END>_...``. Steps outside the range are exactly the base
-model's. In your own code::
+layout and the subject fill it in. Each ``--range START:END`` (fractions of the noise schedule, 0 at pure noise and 1 at the clean
+image, ``0 <= START < END <= 1``; see docs/api.md's "Step range") makes one set of images from the same seeds, named
+``range<START>-<END>_...``. UNet calls outside the range are exactly the base model's. In your own code::
 
     import diffusers_customcontrast  # adds pipe.load_customcontrast / set_customcontrast_scale
     pipe.load_customcontrast("path/to/adapter")
@@ -37,7 +37,7 @@ from _common import (
 )
 from diffusers import AutoPipelineForText2Image
 
-import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to every diffusers pipeline)
+import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to the IP-Adapter pipelines)
 
 
 def step_range(text: str) -> tuple[float, float]:

@@ -38,7 +38,7 @@ from diffusers import AutoPipelineForText2Image
 from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
 
-import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to every diffusers pipeline)
+import diffusers_customcontrast  # noqa: F401  (adds load_customcontrast & co. to the IP-Adapter pipelines)
 
 
 def half_masks(width: int, height: int) -> list[Image.Image]:

@@ -306,3 +306,23 @@ def test_one_config_and_from_pretrained_checks_the_weights(tmp_path):
     for load in (dcc.CustomContrastAdapter.from_pretrained, dcc.load_adapter):  # one load path, the alias included
         with pytest.raises(dcc.AdapterLoadError, match=f"NaN or infinite values in 1 tensors \\(e.g. '{key}'\\)"):
             load(tmp_path / "adapter")
+
+
+# ------------------------------------------------------------------------------------------------ recordings
+
+
+def test_location_maps_come_back_through_a_recording_passed_in_the_call():
+    pipe = tiny_sd15_pipeline()
+    adapter = pipe.load_customcontrast(tiny_adapter(pipe))
+    recording = dcc.SubjectRecording()
+    options = dcc.SubjectOptions(recording=recording)
+    with dcc.record_customcontrast(pipe) as block:  # both: the block's recording joins the call's own
+        generate(pipe, ip_adapter_image=SUBJECT, cross_attention_kwargs={"customcontrast": options})
+    assert len(recording.steps) == len(block.steps) == CALL["num_inference_steps"]
+    assert all(a is b for a, b in zip(recording.steps, block.steps))  # one record per call, shared
+    assert sorted(recording.location_maps) == list(range(adapter.num_layers))
+    generate(pipe, ip_adapter_image=SUBJECT)  # nothing recorded without a recording
+    assert len(recording.steps) == CALL["num_inference_steps"]
+    assert len(pipe.unet._forward_pre_hooks) == 1  # the adapter's own; the block's hook went with the block
+    with pytest.raises(ValueError, match="SubjectOptions.recording must be a SubjectRecording"):
+        generate(pipe, ip_adapter_image=SUBJECT, cross_attention_kwargs={"customcontrast": dcc.SubjectOptions(recording=[])})  # fmt: skip

@@ -117,7 +117,7 @@ def test_unload_ip_adapter_leaves_customcontrast_working(order, references):
     state = injection.attached(pipe.unet)
     assert state.entry_index == 0 and state.step_range == (0.0, 0.5)
     assert all(p.subject_scale == 0.5 and p.s_plus_scale == 0.5 for p in state.processors.values())
-    pipe.set_customcontrast_scale(1.0, s_plus_scale=s_plus_scale)
+    pipe.set_customcontrast_scale(1.0, s_plus_scale=s_plus_scale, end=1.0)  # None would keep the range
     np.testing.assert_array_equal(generate(pipe, ip_adapter_image=SUBJECT), references["cc"])
     pipe.unload_customcontrast()
     np.testing.assert_array_equal(generate(pipe), references["base"])

@@ -43,9 +43,9 @@ from torch.utils.hooks import RemovableHandle
 from ..attention_processor import CustomContrastAttnProcessor2_0
 from ..conditioning import OPTIONS_KEY, LayerScale, StepRecord, SubjectConditioning, SubjectOptions, SubjectRecording
 from ..models.adapter import CustomContrastAdapter
-from ..models.image_projection import CustomContrastImageProjection, MultiSubjectImageProjection, image_projection
 from ..models.unet_layout import attention_module
 from ..step_range import DEFAULT_TRAIN_TIMESTEPS, FULL_RANGE, check_step_range, in_step_range, noise_position
+from .image_projection import CustomContrastImageProjection, MultiSubjectImageProjection, image_projection
 
 STATE_ATTRIBUTE = "_customcontrast"
 
@@ -69,6 +69,7 @@ class AttachedAdapter:
     entry_index: int = 0  # position of the adapter's projection in encoder_hid_proj and its entry in image_embeds
     step_range: tuple[float, float] = FULL_RANGE  # (start, end): the noise levels the subject acts on, step_range.py
     num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS  # T of the noise position 1 - t / T (the scheduler's)
+    pooled: bool = False  # the adapter reads pooled image embeddings (image_input="image_embeds"), one per subject
 
 
 def attached(unet: nn.Module) -> AttachedAdapter | None:
@@ -154,6 +155,7 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
         forward_parameters=tuple(inspect.signature(type(unet).forward).parameters)[1:],
         modules={name: attention_module(unet, name) for name in processors},
         entry_index=len(ip_projections),
+        pooled=adapter.adapter_config.image_input == "image_embeds",
     )
     unet.encoder_hid_proj = MultiSubjectImageProjection(
         [*ip_projections, projection], ip_adapter_features=_penultimate_features(adapter)
@@ -387,7 +389,7 @@ def _conditioning(
                 f"with {entry.num_subjects} subjects each needs {batch * entry.num_subjects}."
             )
     else:
-        if state.adapter.adapter_config.image_input == "image_embeds" and getattr(entry, "ndim", None) == 3:
+        if state.pooled and getattr(entry, "ndim", None) == 3:
             entry = entry[:, :, None]  # pooled embeddings [batch, num_subjects, width]: one token per subject
         features = _checked_features(entry, state.adapter.config.image_embed_dim, batch)
         conditioning = SubjectConditioning(image_embeds=features, num_subjects=features.shape[1])
@@ -427,7 +429,9 @@ def _step_record(
 
 
 def _step_range(state: AttachedAdapter, options: SubjectOptions | None) -> tuple[float, float]:
-    """The call's ``(start, end)``: its options' where given, else the adapter's."""
+    """The call's ``(start, end)``: its options' where given, else the adapter's (checked when it was set)."""
+    if options is None or (options.start is None and options.end is None):
+        return state.step_range
     start, end = state.step_range
     if options is not None and options.start is not None:
         start = options.start

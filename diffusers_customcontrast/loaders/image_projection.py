@@ -7,7 +7,7 @@ from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProj
 from torch import nn
 
 from ..conditioning import SubjectConditioning
-from .mfi_encoder import MFIEncoder
+from ..models.mfi_encoder import MFIEncoder
 
 
 class CustomContrastImageProjection(nn.Module):

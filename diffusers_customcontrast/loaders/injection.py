@@ -8,7 +8,9 @@ config value and hooks, so the UNet computes exactly what it did before.
 The pre-hook gives each UNet call its own subject: it returns the call's arguments with the adapter's entry of
 ``added_cond_kwargs["image_embeds"]`` wrapped, together with the call's timesteps and options, into a
 :class:`~diffusers_customcontrast.conditioning.SubjectConditioning` (new dicts and lists: the caller's stay as they
-were). It also checks the call's subject inputs, once per call rather than in every layer.
+were). It also checks the call's subject inputs before any layer runs: shapes on every call, values once per tensor
+(a pipeline hands every step the same tensors, so once per generation: no device -> host sync per step), and its
+options (scales expanded to one value per layer); and it decides the step range from the call's own timestep.
 
 Other calls replace attention processors wholesale (``enable_attention_slicing``, ``fuse_qkv_projections``,
 ``set_attn_processor``, ``unload_ip_adapter``). The pre-hook checks, before every UNet call, that the adapter is still
@@ -18,7 +20,8 @@ under our processors is an error. The UNet never runs with half an adapter.
 
 Beside diffusers' IP-Adapters, CustomContrast's projection and entry come after theirs and its processors compute
 their branches too (keeping their processors whole for detaching). diffusers' ``load_ip_adapter`` and, beside
-IP-Adapters, ``unload_ip_adapter`` run inside :func:`lifted` (the pipeline methods wrap them), so CustomContrast stays.
+IP-Adapters, ``unload_ip_adapter`` run inside :func:`lifted` (the loading pipeline's own per-instance methods, set by
+``load_customcontrast`` and removed at unload, call them so), so CustomContrast stays.
 """
 
 from __future__ import annotations

@@ -37,6 +37,44 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def float32_region(tensor: torch.Tensor) -> torch.autocast:
+    """A region where autocast (mixed-precision training) does not lower float32 operations on ``tensor``'s device
+    back to half precision: what is computed in float32 here stays float32. Outside autocast it changes nothing."""
+    device = tensor.device.type
+    return torch.autocast(device if device in AUTOCAST_DEVICES else "cpu", enabled=False)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention``, in float32 for half-precision inputs, cast back.
+
+    diffusers' ``upcast_attention`` / ``upcast_softmax``: the Q-Formers' queries and keys grow to ~100 with trained
+    weights, so their logits reach the thousands, where a half-precision logit is off by 0.5 to 8 and the softmax by as
+    much; four blocks of that moved the visual tokens by 20 % (issue 29). In float32 the operation is unchanged.
+    """
+    if query.dtype in HALF_DTYPES:
+        with float32_region(query):
+            return F.scaled_dot_product_attention(query.float(), key.float(), value.float()).to(query.dtype)
+    return F.scaled_dot_product_attention(query, key, value)
+
+
+class Float32Linear(nn.Linear):
+    """A Linear computed in float32 whatever its weights' and input's dtype; its output stays float32.
+
+    For the products that can outgrow half precision (the TV fusion's re-weighted tokens, up to ``Nv`` times the
+    visual Q-Former's unnormalised hidden states): the weights are read in this module's own ``forward``, so
+    accelerate's offload hooks still load them. The parameters are a Linear's (same state-dict keys).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's argument name)
+        bias = self.bias.float() if self.bias is not None else None
+        with float32_region(input):
+            return F.linear(input.float(), self.weight.float(), bias)
+
+
 class QFormerBlock(nn.Module):
     """Pre-norm block: self-attention within each query group, cross-attention to the image, MLP."""
 
@@ -70,13 +108,13 @@ class QFormerBlock(nn.Module):
 
         grouped = self.norm_self(queries).reshape(batch * groups, num_queries, channels)
         q, k, v = (split_heads(t, self.num_heads) for t in self.to_qkv(grouped).chunk(3, dim=-1))
-        attended = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        attended = merge_heads(attention(q, k, v))
         queries = queries + self.self_out(attended).view(batch, groups, num_queries, channels)
 
         # All groups of one image attend to that image's keys in one call: no copy of the keys per group.
         flat = self.norm_cross(queries).reshape(batch, groups * num_queries, channels)
         q = split_heads(self.to_q_cross(flat), self.num_heads)
-        attended = merge_heads(F.scaled_dot_product_attention(q, *image_kv))
+        attended = merge_heads(attention(q, *image_kv))
         queries = queries + self.cross_out(attended).view(batch, groups, num_queries, channels)
 
         return queries + self.mlp(self.norm_mlp(queries))
@@ -132,7 +170,7 @@ class PerceiverBlock(nn.Module):
         normed = self.norm2(queries)
         keys, values = self.to_kv(torch.cat([self.norm1(image), normed[:, 1:]], dim=1)).chunk(2, dim=-1)
         q, k, v = (split_heads(t, self.num_heads) for t in (self.to_q(normed), keys, values))
-        queries = queries + self.to_out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        queries = queries + self.to_out(merge_heads(attention(q, k, v)))
         return queries + self.ff(queries)
 
 

@@ -293,6 +293,7 @@ def ip_adapter_plus_state_dict(
     layer_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    shape: dict | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """A random IP-Adapter-Plus checkpoint in the ORIGINAL (tencent-ailab Resampler) layout.
 
@@ -300,8 +301,9 @@ def ip_adapter_plus_state_dict(
     layers.N.1.{0,1,3}}, "ip_adapter": {"1.to_k_ip.weight", "1.to_v_ip.weight", "3.to_k_ip.weight", ...}}``: the
     keys diffusers' ``_convert_ip_adapter_image_proj_to_diffusers`` and ``_convert_ip_adapter_attn_to_diffusers``
     read. ``layer_weights`` (one ``(to_k_ip, to_v_ip)`` pair per cross-attention layer) reuses given tensors.
+    ``shape`` (``{"hidden_dims", "heads"}``, 64-wide heads) replaces the family's Resampler width (smoke runs).
     """
-    shape = IP_ADAPTER_PLUS_SHAPES[family]
+    shape = shape or IP_ADAPTER_PLUS_SHAPES[family]
     dim = shape["hidden_dims"]
     inner = 64 * shape["heads"]
     output_dim = unet.config.cross_attention_dim

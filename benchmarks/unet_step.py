@@ -12,6 +12,7 @@ convolutions and attention), counted on a meta-device copy of the same models: t
 
     python benchmarks/unet_step.py            # full run (SD1.5 256 + 512 px, SDXL 512 px)
     python benchmarks/unet_step.py --quick    # SD1.5 at 256 px, 3 rounds
+    python benchmarks/unet_step.py --flops-only   # the analytic FLOP ratios only (SD1.5 and SDXL, 256 and 512 px)
 """
 
 from __future__ import annotations
@@ -144,8 +145,18 @@ def check_outputs(unet, adapter, ip_adapter, inputs, features) -> dict[str, floa
 def main() -> None:
     args = parse_args(
         __doc__.split("\n\n")[0],
-        lambda p: p.add_argument("--only", choices=["sd15", "sdxl"], help="one base model only"),
+        lambda p: (
+            p.add_argument("--only", choices=["sd15", "sdxl"], help="one base model only"),
+            p.add_argument(
+                "--flops-only",
+                action="store_true",
+                help="only the analytic FLOP ratios (meta device, SD1.5 and SDXL at 256 and 512 px; ~1 min each)",
+            ),
+        ),
     )
+    if args.flops_only:
+        flops_only(args.only)
+        return
     # (family, [(resolution, rounds)]): one step per configuration and round.
     quick = [("sd15", [(256, 3)])]
     plan = quick if args.quick else [("sd15", [(256, 9), (512, 5)]), ("sdxl", [(512, 4)])]
@@ -218,6 +229,21 @@ def main() -> None:
 
     print(table(results))
     print(f"\nWrote {path}")
+
+
+def flops_only(only: str | None) -> None:
+    """Print and write (``results/unet_step_flops.json``) every configuration's FLOP overhead over the bare UNet."""
+    sizes = [(family, resolution) for family in ("sd15", "sdxl") for resolution in (256, 512)]
+    results = []
+    for family, resolution in sizes:
+        if only and family != only:
+            continue
+        flops = flop_counts(family, resolution)
+        results.append({"family": family, "resolution": resolution, "flops": flops})
+        overheads = ", ".join(f"{name} {pct(flops[name] / flops['bare'], 2)}" for name in CONFIGS[1:])
+        print(f"{family} {resolution} px: bare {flops['bare'] / 1e9:.1f} GFLOP; {overheads}", flush=True)
+    path = write_results("unet_step_flops", {"results": results})
+    print(f"Wrote {path}")
 
 
 def table(results: list[dict]) -> str:

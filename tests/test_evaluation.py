@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 from accelerate import PartialState
-from diffusers import DiffusionPipeline
+from diffusers.loaders import IPAdapterMixin
 from PIL import Image
 
 from diffusers_customcontrast.evaluation import cli, report
@@ -892,7 +892,7 @@ def test_cli_with_real_diffusers_ip_adapter(
 
 
 @pytest.mark.skipif(
-    not hasattr(DiffusionPipeline, "encode_customcontrast_subjects"),
+    not hasattr(IPAdapterMixin, "encode_customcontrast_subjects"),  # the pipeline methods live on IPAdapterMixin
     reason="pipe.encode_customcontrast_subjects (several photos of one subject) is not in this checkout yet",
 )
 def test_several_photos_with_a_real_customcontrast_pipeline(sd15_pipe, mini_root: Path, tmp_path: Path) -> None:

@@ -121,6 +121,8 @@ def test_train_base_smoke_on_the_patch_autoencoder_with_mixed_precision(tmp_path
     pipe = load_synthetic_base(path=tmp_path)
     assert isinstance(pipe.vae, PatchAutoencoder) and pipe.unet.config.in_channels == 48
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step_2", "step_4"]
+    snapshot = load_synthetic_base(path=tmp_path / "snapshots" / "step_4")  # a whole pipeline, for learning curves
+    assert all(torch.equal(a, b) for a, b in zip(snapshot.unet.parameters(), pipe.unet.parameters()))
     image = pipe("a star on grass", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 

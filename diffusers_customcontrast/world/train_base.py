@@ -110,8 +110,8 @@ class TrainBaseConfig:
     checkpoint_every: int = 500
     log_every: int = 100
     snapshot_every: int = 0
-    """Also write the UNet stage's EMA text encoder and UNet to ``snapshots/step_<n>`` every so many steps (0: never),
-    for learning curves (:mod:`.ceilings` scores them)."""
+    """Also write the pipeline with the UNet stage's EMA weights to ``snapshots/step_<n>`` every so many steps (0:
+    never): learning curves, each snapshot scored with ``benchmark --ceilings_only --base_model <snapshot>``."""
 
     def __post_init__(self) -> None:
         if self.autoencoder not in AUTOENCODERS:
@@ -461,11 +461,13 @@ def train_unet(
     record: TrainingRecord,
     checkpoints: RunCheckpoints,
     log: Callable[[str], None] = print,
+    snapshot: Callable[[Path, CLIPTextModel, UNet2DConditionModel, CLIPTokenizer], None] | None = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
     """Train the text encoder and the UNet together on the frames' latents and captions; return the EMA weights.
 
     Runs on ``config.device`` under ``config.mixed_precision`` autocast; every random draw is made on the CPU, so a
-    run's batches are the same on every device.
+    run's batches are the same on every device. ``snapshot(folder, text_encoder, unet, tokenizer)`` writes the EMA
+    weights every ``config.snapshot_every`` steps.
     """
     device = torch.device(config.device)
     generator = torch.Generator().manual_seed(config.seed + 2)
@@ -507,8 +509,8 @@ def train_unet(
         loss = (weights.to(device)[timesteps] * per_sample).mean()
         precision.step(optimizer, schedule, loss, modules.parameters())
         _ema_update(ema, modules, min(config.ema_decay, (1 + index) / (10 + index)))
-        if config.snapshot_every and (index + 1) % config.snapshot_every == 0:
-            _save_snapshot(Path(config.output_dir) / "snapshots" / f"step_{index + 1}", ema, tokenizer)
+        if snapshot is not None and config.snapshot_every and (index + 1) % config.snapshot_every == 0:
+            snapshot(Path(config.output_dir) / "snapshots" / f"step_{index + 1}", *ema, tokenizer)
         return {"mse": per_sample.mean().item()}
 
     state = {"modules": modules, "ema": ema, "optimizer": optimizer, "schedule": schedule, **precision.state()}
@@ -542,13 +544,6 @@ class _Precision:
         self.scaler.step(optimizer)
         self.scaler.update()
         schedule.step()
-
-
-def _save_snapshot(folder: Path, ema: torch.nn.ModuleList, tokenizer: CLIPTokenizer) -> None:
-    """The EMA text encoder and UNet (and the tokenizer) as pipeline component folders."""
-    for name, module in zip(("text_encoder", "unet"), ema):
-        module.save_pretrained(folder / name)
-    tokenizer.save_pretrained(folder / "tokenizer")
 
 
 def loss_weights(alphas_cumprod: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
@@ -676,17 +671,28 @@ def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> Stab
         lambda: train_image_encoder(frames, config, record, checkpoints, log, render_training_frames(spec, "heldout")),
         lambda: (previous.image_encoder, previous.feature_extractor),
     )
+
+    def save_pipeline(folder: Path, text_encoder, unet, tokenizer) -> StableDiffusionPipeline:
+        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, image_encoder, processor, config.prediction_type)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        _portable_model_index(folder)
+        return pipe
+
     unet, text_encoder, tokenizer = run(
         "unet",
         lambda: train_unet(
-            render_training_frames(spec, max_rotation=config.unet_max_rotation), vae, config, record, checkpoints, log
-        ),
+            render_training_frames(spec, max_rotation=config.unet_max_rotation),
+            vae,
+            config,
+            record,
+            checkpoints,
+            log,
+            snapshot=save_pipeline,
+        ),  # fmt: skip
         lambda: (previous.unet, previous.text_encoder, previous.tokenizer),
     )
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, image_encoder, processor, config.prediction_type)
     output_dir = Path(config.output_dir)
-    pipe.save_pretrained(output_dir, safe_serialization=True)
-    _portable_model_index(output_dir)
+    pipe = save_pipeline(output_dir, text_encoder, unet, tokenizer)
     record.times["total"] = sum(record.times[stage] for stage in config.stages)
     record.times["total_cpu"] = sum(record.times[f"{stage}_cpu"] for stage in config.stages)
     _write_log(output_dir, config, record)

@@ -232,7 +232,7 @@ def test_convert_command_line(sd15_pipe, tmp_path):
     ("module", "option"),
     [
         ("diffusers_customcontrast.loaders.convert", "--ip_adapter"),
-        ("diffusers_customcontrast.world.demo", "--pretrained"),
+        ("customcontrast_world.demo", "--pretrained"),
     ],
 )
 def test_command_line_help_names_the_command_and_its_defaults(module, option, capsys):

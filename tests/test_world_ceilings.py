@@ -11,19 +11,19 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from diffusers_customcontrast.data.synthetic import SHAPES
-from diffusers_customcontrast.world import benchmark, load_synthetic_base, write_world
-from diffusers_customcontrast.world.autoencoder import PatchAutoencoder
-from diffusers_customcontrast.world.ceilings import (
+from customcontrast_world import benchmark, load_synthetic_base, write_world
+from customcontrast_world.autoencoder import PatchAutoencoder
+from customcontrast_world.ceilings import (
     CEILING_STAGES,
     autoencoder_reconstructions,
     shape_accuracy_per_class,
 )
-from diffusers_customcontrast.world.evaluation import evaluation_prompts, judge_world_images, render_prompt
-from diffusers_customcontrast.world.judge import load_world_judge
-from diffusers_customcontrast.world.metrics import SubjectGallery
-from diffusers_customcontrast.world.recipe import WORLD_ADAPTER_DIR
-from diffusers_customcontrast.world.train_base import TrainBaseConfig, parse_args, train_base
+from customcontrast_world.evaluation import evaluation_prompts, judge_world_images, render_prompt
+from customcontrast_world.judge import load_world_judge
+from customcontrast_world.metrics import SubjectGallery
+from customcontrast_world.recipe import WORLD_ADAPTER_DIR
+from customcontrast_world.train_base import TrainBaseConfig, parse_args, train_base
+from diffusers_customcontrast.data.synthetic import SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_a_pipeline_with_the_patch_autoencoder_saves_and_loads_offline(tmp_path:
     assert pipe.vae_scale_factor == 4
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["vae"] == ["diffusers_customcontrast.world.autoencoder", "PatchAutoencoder"]
+    assert index["vae"] == ["customcontrast_world.autoencoder", "PatchAutoencoder"]
     with caplog.at_level(logging.WARNING):
         loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
     assert isinstance(loaded.vae, PatchAutoencoder)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.formats import SubjectIndex, load_subject_folder
-from ..data.synthetic import (
+from diffusers_customcontrast.data.formats import SubjectIndex, load_subject_folder
+from diffusers_customcontrast.data.synthetic import (
     BACKGROUNDS,
     BRIGHTNESS,
     COLOR_VALUES,
@@ -46,7 +46,7 @@ from ..data.synthetic import (
     render_view,
     sample_scene,
 )
-from ..data.transforms import binarize_mask, subject_crop
+from diffusers_customcontrast.data.transforms import binarize_mask, subject_crop
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 WORLD_FILE = "world.json"

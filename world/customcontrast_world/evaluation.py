@@ -26,8 +26,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import set_customcontrast_scale
-from ..data.synthetic import BACKGROUNDS, caption_for, render_view, sample_scene
+from diffusers_customcontrast import set_customcontrast_scale
+from diffusers_customcontrast.data.synthetic import BACKGROUNDS, caption_for, render_view, sample_scene
+
 from .dataset import World
 from .judge import WorldJudge, colors_of, load_world_judge
 from .metrics import SubjectGallery, scene_obeyed
@@ -161,7 +162,7 @@ class ImageScores:
     """What the judge and the scene readers read in each image of a set of generations (one entry per image).
 
     The unit for statistics: :meth:`summary` averages it into :class:`WorldScores`, and
-    :mod:`~diffusers_customcontrast.world.intervals` resamples its subjects for confidence intervals.
+    :mod:`~customcontrast_world.intervals` resamples its subjects for confidence intervals.
     """
 
     subject_ids: tuple[str, ...]

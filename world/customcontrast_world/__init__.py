@@ -3,11 +3,11 @@
 * :func:`write_world` / :func:`load_world`: train and held-out subjects on disk, with the ground truth of every
   frame (:meth:`World.frame_info`); :class:`WorldSpec` renders the same frames in memory.
 * :func:`load_synthetic_base`: the shipped text-to-image ``StableDiffusionPipeline`` trained on the world
-  (``python -m diffusers_customcontrast.world.train_base`` reproduces it).
+  (``python -m customcontrast_world.train_base`` reproduces it).
 * :func:`world_training_config`: the recipe to train an adapter for it; :data:`ABLATIONS`, the benchmark's runs.
 * :func:`evaluate_on_world`: held-out subjects in prompted scenes, scored by the shipped :class:`WorldJudge`
   (subject similarity, attributes) and the scene readers of :mod:`.metrics` (controllability).
-* ``python -m diffusers_customcontrast.world.benchmark``: the ablation benchmark (``docs/world_benchmark.md``).
+* ``python -m customcontrast_world.benchmark``: the ablation benchmark (``docs/world_benchmark.md``).
 
 See ``docs/synthetic_world.md``.
 """

@@ -1,8 +1,8 @@
 """The synthetic base model: a tiny Stable-Diffusion-style text-to-image pipeline trained on the world.
 
-:func:`load_synthetic_base` loads the shipped checkpoint (``diffusers_customcontrast/assets/synthetic-base``, a
+:func:`load_synthetic_base` loads the shipped checkpoint (``customcontrast_world/assets/synthetic-base``, a
 ``save_pretrained`` folder that ``StableDiffusionPipeline.from_pretrained`` also reads). The ``build_*`` functions
-make the untrained components with the shipped architecture; :mod:`diffusers_customcontrast.world.train_base`
+make the untrained components with the shipped architecture; :mod:`customcontrast_world.train_base`
 trains them (and reproduces the checkpoint).
 """
 
@@ -22,11 +22,12 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..data.synthetic import caption_words
-from ..testing.tiny_models import tiny_clip_tokenizer
+from diffusers_customcontrast.data.synthetic import caption_words
+from diffusers_customcontrast.testing.tiny_models import tiny_clip_tokenizer
+
 from .autoencoder import PatchAutoencoder
 
-SYNTHETIC_BASE_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "synthetic-base"
+SYNTHETIC_BASE_DIR: Path = Path(__file__).resolve().parent / "assets" / "synthetic-base"
 """Folder of the shipped synthetic base pipeline."""
 
 IMAGE_SIZE = 64
@@ -204,7 +205,7 @@ def load_synthetic_base(
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"expected a diffusers pipeline folder with model_index.json at '{folder}'; re-create it with "
-            "`python -m diffusers_customcontrast.world.train_base --output_dir <folder>`"
+            "`python -m customcontrast_world.train_base --output_dir <folder>`"
         )
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

@@ -20,12 +20,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from torch import nn
 
-from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject
+from diffusers_customcontrast.data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject
+
 from .palette import palette_colors
 
 __all__ = ["ATTRIBUTES", "COLOR_READINGS", "WORLD_JUDGE_DIR", "WorldJudge", "colors_of", "grey", "load_world_judge"]
 
-WORLD_JUDGE_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "world-judge"
+WORLD_JUDGE_DIR: Path = Path(__file__).resolve().parent / "assets" / "world-judge"
 """Folder of the shipped judge."""
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "texture": TEXTURES, "colors": COLORS}
@@ -142,6 +143,6 @@ def load_world_judge(path: str | os.PathLike | None = None) -> WorldJudge:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"expected a WorldJudge folder with config.json at '{folder}'; re-create it with "
-            "`python -m diffusers_customcontrast.world.train_judge --output_dir <folder>`"
+            "`python -m customcontrast_world.train_judge --output_dir <folder>`"
         )
     return WorldJudge.from_pretrained(folder).eval().requires_grad_(False)

@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..training import TrainingConfig
+from diffusers_customcontrast.training import TrainingConfig
+
 from .base_model import IMAGE_SIZE, SYNTHETIC_BASE_DIR
 
 __all__ = ["ABLATIONS", "WORLD_ADAPTER", "WORLD_ADAPTER_DIR", "world_training_config"]
 
-WORLD_ADAPTER_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "world-adapter"
+WORLD_ADAPTER_DIR: Path = Path(__file__).resolve().parent / "assets" / "world-adapter"
 """Folder of the shipped trained adapter: the world benchmark's ``full`` run, seed 0 (``docs/world_benchmark.md``)."""
 
 WORLD_ADAPTER: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m diffusers_customcontrast.world.evaluate_base --grid /tmp/base_grid.png
+    python -m customcontrast_world.evaluate_base --grid /tmp/base_grid.png
 
 writes a grid (one row per background, one column per seed) of ``"a <shape> <background phrase>"`` generations and
 prints how often the generated background is the prompted one (:func:`nearest_background` of each image).
@@ -18,7 +18,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..data.synthetic import BACKGROUNDS, BRIGHTNESS, caption_for
+from diffusers_customcontrast.data.synthetic import BACKGROUNDS, BRIGHTNESS, caption_for
 
 BAND = 0.2
 """Height of the top and bottom bands, as a fraction of the image, that :func:`nearest_background` compares."""

@@ -10,7 +10,7 @@ before it. The chain, scored by the same judge on the same prompted held-out sce
    class and texture, and also the subject's colours (what words alone reach);
 4. the adapter: the base pipeline given the subject's reference image.
 
-``python -m diffusers_customcontrast.world.benchmark --ceilings_only`` measures them (and the shipped adapter's
+``python -m customcontrast_world.benchmark --ceilings_only`` measures them (and the shipped adapter's
 figures) without training anything; the full benchmark writes them into ``results.json`` under ``"ceilings"``.
 """
 
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.synthetic import SHAPES
+from diffusers_customcontrast.data.synthetic import SHAPES
+
 from .dataset import World
 from .evaluation import ImageScores
 from .intervals import bootstrap_intervals

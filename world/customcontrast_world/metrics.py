@@ -3,13 +3,13 @@
 They play the roles DINO / CLIP-I and CLIP-T play on DreamBench:
 
 * **Subject similarity** (:class:`SubjectGallery`): the cosine similarity between a generated image and the mean
-  embedding of the subject's real frames, in the space of the :class:`~diffusers_customcontrast.world.judge.
+  embedding of the subject's real frames, in the space of the :class:`~customcontrast_world.judge.
   WorldJudge`, which was trained on the train subjects' scenes to tell subjects apart across views, backgrounds
   and lighting, so it measures identity, not scene. **Identity accuracy** is the stricter twin: the fraction of
   generations whose nearest subject in the gallery is the right one. The judge's classifiers also say which
   intrinsic attribute came through: shape, texture, colour.
 * **Controllability** (:func:`scene_obeyed`): whether the scene attribute the prompt names is in the image: the
-  prompted background for photos (:func:`~diffusers_customcontrast.world.evaluate_base.nearest_background`, right
+  prompted background for photos (:func:`~customcontrast_world.evaluate_base.nearest_background`, right
   on 100 % of the world's photo frames), no colour for "a sketch of ..." (:func:`is_sketch`).
 """
 

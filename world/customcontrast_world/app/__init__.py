@@ -1,4 +1,4 @@
-"""The web app: ``python -m diffusers_customcontrast.app`` (install with ``pip install -e ".[app]"``).
+"""The web app: ``python -m customcontrast_world.app`` (install with ``pip install -e ".[app]"``).
 
 A local Gradio page to try a CustomContrast adapter: upload photos of a subject, prompt a scene, and see the result
 beside the base model's image for the same seed, the subject's location maps over the steps and a scale strip.

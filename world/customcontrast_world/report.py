@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.synthetic import SHAPES
-from ..evaluation.report import markdown_table
+from diffusers_customcontrast.data.synthetic import SHAPES
+from diffusers_customcontrast.evaluation.report import markdown_table
 
 __all__ = ["image_grid", "intervals_table", "plot_intervals_tradeoff", "plot_loss_curves", "scores_table", "smoothed"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.synthetic import BRIGHTNESS, COLOR_VALUES, COLORS
+from diffusers_customcontrast.data.synthetic import BRIGHTNESS, COLOR_VALUES, COLORS
 
 __all__ = ["palette_colors"]
 

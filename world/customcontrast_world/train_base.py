@@ -1,9 +1,9 @@
 """Train the synthetic base model on CPU: VAE, then image encoder, then text encoder + UNet.
 
-Reproduces the shipped ``diffusers_customcontrast/assets/synthetic-base`` (see ``docs/synthetic_world.md`` for the
+Reproduces the shipped ``customcontrast_world/assets/synthetic-base`` (see ``docs/synthetic_world.md`` for the
 exact command, its cost and losses)::
 
-    python -m diffusers_customcontrast.world.train_base --output_dir runs/synthetic-base
+    python -m customcontrast_world.train_base --output_dir runs/synthetic-base
 
 Stages (each one seeded, so a run with the same arguments and thread count gives the same weights):
 
@@ -49,8 +49,16 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..data.synthetic import COLORS, SHAPES, TEXTURES, SyntheticSubject, caption_for_view, render_view
-from ..data.transforms import binarize_mask, resize_center_crop, subject_crop
+from diffusers_customcontrast.data.synthetic import (
+    COLORS,
+    SHAPES,
+    TEXTURES,
+    SyntheticSubject,
+    caption_for_view,
+    render_view,
+)
+from diffusers_customcontrast.data.transforms import binarize_mask, resize_center_crop, subject_crop
+
 from .autoencoder import PatchAutoencoder
 from .base_model import (
     AUTOENCODERS,
@@ -762,7 +770,7 @@ def _write_log(output_dir: Path, config: TrainBaseConfig, record: TrainingRecord
 def parse_args(argv: Sequence[str] | None = None) -> TrainBaseConfig:
     defaults = TrainBaseConfig(output_dir="")
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], prog="python -m diffusers_customcontrast.world.train_base"
+        description=__doc__.split("\n\n")[0], prog="python -m customcontrast_world.train_base"
     )
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (alias of --unet_steps)")

@@ -1,11 +1,11 @@
-"""The offline demo: ``python -m diffusers_customcontrast.demo``.
+"""The offline demo: ``python -m customcontrast_world.demo``.
 
 Trains a CustomContrast adapter on the synthetic world with the real trainer, then puts subjects it has never seen
 into prompted scenes, all offline on a CPU (see ``docs/synthetic_world.md`` for its time on 2 cores):
 
 1. writes the world (``docs/synthetic_world.md``): 300 train and 50 held-out subjects, 8 frames each;
 2. trains an adapter for the shipped tiny base model on the train subjects (the trainer of ``python -m
-   diffusers_customcontrast.train`` with the recipe of :mod:`diffusers_customcontrast.world.recipe`), or, with
+   diffusers_customcontrast.train`` with the recipe of :mod:`customcontrast_world.recipe`), or, with
    ``--pretrained``, takes the adapter that ships with the package (trained by the world benchmark's full run);
 3. loads it with ``load_customcontrast`` and generates held-out subjects in prompted scenes, with and without it;
 4. writes a report to ``<output_dir>/report``: ``grid.png`` (per subject: its reference, the world's own picture
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import load_customcontrast, unload_customcontrast
-from ..training import train
-from ..training.export import LossHistory
+from diffusers_customcontrast import load_customcontrast, unload_customcontrast
+from diffusers_customcontrast.training import train
+from diffusers_customcontrast.training.export import LossHistory
+
 from .base_model import load_synthetic_base
 from .ceilings import autoencoder_reconstructions
 from .dataset import write_world
@@ -146,7 +147,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a CustomContrast adapter on the synthetic world and put held-out subjects into prompted "
         "scenes, offline on a CPU.",
-        prog="python -m diffusers_customcontrast.demo",
+        prog="python -m customcontrast_world.demo",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--output_dir", default="demo-output", help="where the world, the adapter and the report go")

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image
 
-from ..conditioning import OPTIONS_KEY, StepRecord, SubjectOptions
-from ..data.synthetic import BACKGROUNDS, caption_for
-from ..evaluation.generate import subject_condition
-from ..loaders.pipeline import load_customcontrast, record_customcontrast
-from ..models.adapter import CustomContrastAdapter
-from ..world.base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
-from ..world.dataset import WorldSpec
-from ..world.recipe import WORLD_ADAPTER, WORLD_ADAPTER_DIR
+from diffusers_customcontrast.conditioning import OPTIONS_KEY, StepRecord, SubjectOptions
+from diffusers_customcontrast.data.synthetic import BACKGROUNDS, caption_for
+from diffusers_customcontrast.evaluation.generate import subject_condition
+from diffusers_customcontrast.loaders.pipeline import load_customcontrast, record_customcontrast
+from diffusers_customcontrast.models.adapter import CustomContrastAdapter
+
+from ..base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
+from ..dataset import WorldSpec
+from ..recipe import WORLD_ADAPTER, WORLD_ADAPTER_DIR
 
 __all__ = [
     "MAX_LOCATION_FRAMES",
@@ -316,7 +317,7 @@ def load_studio(
         adapter_name = (
             f"an UNTRAINED adapter with random weights: the world's trained adapter ({WORLD_ADAPTER_DIR}) "
             "is not in this checkout, so the images show how the app works, not what the method does "
-            "(train one with `python -m diffusers_customcontrast.demo` and pass --adapter demo-output/adapter)"
+            "(train one with `python -m customcontrast_world.demo` and pass --adapter demo-output/adapter)"
         )
         logger.warning("No trained adapter at %s: using an UNTRAINED adapter with random weights.", WORLD_ADAPTER_DIR)
         with torch.random.fork_rng(devices=[]):

@@ -2,12 +2,12 @@
 
 ::
 
-    python -m diffusers_customcontrast.world.benchmark --output_dir runs/world-benchmark   # ~2 h on 2 CPU cores
-    python -m diffusers_customcontrast.world.benchmark --output_dir /tmp/smoke --smoke    # seconds
+    python -m customcontrast_world.benchmark --output_dir runs/world-benchmark   # ~2 h on 2 CPU cores
+    python -m customcontrast_world.benchmark --output_dir /tmp/smoke --smoke    # seconds
 
-Each run of :data:`~diffusers_customcontrast.world.recipe.ABLATIONS` trains an adapter with the real trainer on the
+Each run of :data:`~customcontrast_world.recipe.ABLATIONS` trains an adapter with the real trainer on the
 same world for the same budget, once per seed (the seed sets the training's draws and the generations' noise), and
-is scored on the held-out subjects (:mod:`~diffusers_customcontrast.world.evaluation`) at scale 1 (visual branch and
+is scored on the held-out subjects (:mod:`~customcontrast_world.evaluation`) at scale 1 (visual branch and
 S+ tokens); the runs in ``--sweep`` are also scored at every ``--sweep_scales`` value (the similarity /
 controllability trade-off). Every figure is a mean with a 95 % bootstrap interval over subjects and seeds
 (:mod:`.intervals`). Two reference rows frame them: the base model without a subject and *real renders*, the world's
@@ -21,7 +21,7 @@ The stage ceilings (:mod:`.ceilings`) frame every figure: real renders, the base
 reconstructions of them, the base model from text (colours named, and not), each with the shape accuracy per class.
 ``--ceilings_only`` measures them (and, with ``--adapter``, an adapter's figures) without training anything::
 
-    python -m diffusers_customcontrast.world.benchmark --output_dir runs/ceilings --ceilings_only --adapter <folder>
+    python -m customcontrast_world.benchmark --output_dir runs/ceilings --ceilings_only --adapter <folder>
 
 Written to ``output_dir``: ``results.json`` (``{"seeds", "ceilings", "runs", "base_model", "real_renders",
 "sweeps", ...}``),
@@ -51,12 +51,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import CustomContrastAdapter, load_customcontrast, set_customcontrast_scale, unload_customcontrast
-from ..loaders import WEIGHTS_NAME
-from ..training import TrainingConfig, train
-from ..training.export import LOSS_HISTORY_NAME, LossHistory
-from ..training.faults import StopRequest
-from ..training.trainer import TRAINING_CONFIG_NAME
+from diffusers_customcontrast import (
+    CustomContrastAdapter,
+    load_customcontrast,
+    set_customcontrast_scale,
+    unload_customcontrast,
+)
+from diffusers_customcontrast.loaders import WEIGHTS_NAME
+from diffusers_customcontrast.training import TrainingConfig, train
+from diffusers_customcontrast.training.export import LOSS_HISTORY_NAME, LossHistory
+from diffusers_customcontrast.training.faults import StopRequest
+from diffusers_customcontrast.training.trainer import TRAINING_CONFIG_NAME
+
 from .base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
 from .ceilings import autoencoder_reconstructions, stage_figures
 from .dataset import World, load_world, write_world
@@ -529,7 +535,7 @@ def _slug(name: str) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     defaults = BenchmarkSettings(Path("world-benchmark"))
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], prog="python -m diffusers_customcontrast.world.benchmark"
+        description=__doc__.split("\n\n")[0], prog="python -m customcontrast_world.benchmark"
     )
     parser.add_argument("--output_dir", default="world-benchmark", help="where everything is written")
     parser.add_argument("--smoke", action="store_true", help="tiny world and two steps per run (checks the plumbing)")

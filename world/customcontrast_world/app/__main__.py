@@ -1,4 +1,4 @@
-"""``python -m diffusers_customcontrast.app``: start the web app on a local port."""
+"""``python -m customcontrast_world.app``: start the web app on a local port."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m diffusers_customcontrast.app",
+        prog="python -m customcontrast_world.app",
         description="A local web page to try a CustomContrast adapter. Without --base and --adapter it runs offline, "
         "on the synthetic world's base model and its trained adapter.",
     )

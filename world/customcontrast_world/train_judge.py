@@ -1,7 +1,7 @@
-"""Train the world's judge (:class:`~diffusers_customcontrast.world.judge.WorldJudge`) and measure how well it reads
-held-out subjects. Reproduces the shipped ``diffusers_customcontrast/assets/world-judge``::
+"""Train the world's judge (:class:`~customcontrast_world.judge.WorldJudge`) and measure how well it reads
+held-out subjects. Reproduces the shipped ``customcontrast_world/assets/world-judge``::
 
-    python -m diffusers_customcontrast.world.train_judge --output_dir runs/world-judge
+    python -m customcontrast_world.train_judge --output_dir runs/world-judge
 
 Data: ``frames_per_subject`` random scenes of each train subject (backgrounds, second objects, lighting, sketches),
 rendered once, each also available as a sketch. Each step draws ``batch_size`` subjects, in pairs that share shape
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.synthetic import COLORS, SHAPES, TEXTURES, sketch_pixels
+from diffusers_customcontrast.data.synthetic import COLORS, SHAPES, TEXTURES, sketch_pixels
+
 from .dataset import WorldSpec, write_world
 from .judge import WorldJudge, grey
 from .resumable import RunCheckpoints, run_steps
@@ -245,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainJudgeConfig:
     defaults = TrainJudgeConfig(output_dir="")
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].replace("\n", " "),
-        prog="python -m diffusers_customcontrast.world.train_judge",
+        prog="python -m customcontrast_world.train_judge",
     )
     parser.add_argument("--output_dir", required=True, help="where the judge folder is written")
     for name, value in asdict(defaults).items():

@@ -14,8 +14,9 @@ It is a diffusers model that ``StableDiffusionPipeline`` takes as its ``vae``: `
 (deterministic) latent distribution, ``decode`` a sample, ``config.scaling_factor`` is 1 (the normalisation is
 inside), and ``config.block_out_channels`` has ``log2(p) + 1`` entries so that the pipeline's
 ``vae_scale_factor`` is ``p``. Saved pipelines record it in ``model_index.json`` by this module's path, which is
-why the module also exposes ``ModelMixin`` (diffusers looks up the loading class there); loading logs one warning
-that the pipeline expected an ``AutoencoderKL``.
+why the module also exposes ``ModelMixin`` (diffusers looks up the loading class there); diffusers imports no module
+that a ``model_index.json`` names, so this one must be imported before ``from_pretrained`` (``import
+customcontrast_world`` does it). Loading logs one warning that the pipeline expected an ``AutoencoderKL``.
 """
 
 from __future__ import annotations

@@ -226,6 +226,14 @@ def test_demo_trains_generates_and_reports(tmp_path: Path):
     assert Image.open(report / "grid.png").size[0] > 64 * 3
 
 
+def test_the_demo_command_runs_as_the_readme_starts_it(tmp_path: Path):
+    """``python -m customcontrast_world.demo`` (what ``make demo`` runs) as a process, at smoke size."""
+    command = [sys.executable, "-m", "customcontrast_world.demo", "--smoke", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[4/4] Writing the report" in result.stderr and (tmp_path / "report" / "report.md").is_file()
+
+
 def test_demo_pretrained_without_an_adapter_folder_says_so_before_any_work(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as stopped:
         demo_module.main(["--pretrained", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])

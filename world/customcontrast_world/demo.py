@@ -259,3 +259,8 @@ def _report_text(table: str, metrics: dict, args: argparse.Namespace, curves: bo
             *(["![loss curves](loss_curves.png)", ""] if curves else []),
         ]
     )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

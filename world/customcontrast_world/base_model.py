@@ -113,12 +113,20 @@ AUTOENCODERS = {"kl": build_vae, "patch": build_patch_autoencoder}
 """The world's autoencoders by name: ``"kl"`` is learned (base v4's), ``"patch"`` exact (``world.autoencoder``)."""
 
 
-def build_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
+UNET_CHANNELS = (32, 64, 128)
+"""Widths of the UNet's three levels (16 x 16, 8 x 8, 4 x 4) in base v4."""
+
+
+def build_unet(
+    latent_channels: int = LATENT_CHANNELS, block_out_channels: tuple[int, ...] = UNET_CHANNELS
+) -> UNet2DConditionModel:
     """An SD1.5-shaped UNet on 16 x 16 latents, with text cross-attention at 8 x 8, 4 x 4 and in the mid block.
 
     Like SD1.5 (whose lowest resolution has none) one level goes without cross-attention; here it is the
     highest, where attention over 256 positions would cost the most CPU time. 7 cross-attention layers.
-    ``latent_channels`` is the autoencoder's (8 for the KL VAE, 48 for the patch autoencoder).
+    ``latent_channels`` is the autoencoder's (8 for the KL VAE, 48 for the patch autoencoder). The first level
+    carries the skip connection the output is made from, so it should be at least as wide as the latents: 32
+    suits the 8 KL channels, not the 48 patch channels.
     """
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // VAE_FACTOR,
@@ -126,7 +134,7 @@ def build_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
         out_channels=latent_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 128),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=4,

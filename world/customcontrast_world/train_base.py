@@ -64,6 +64,7 @@ from .base_model import (
     AUTOENCODERS,
     IMAGE_ENCODER_SIZE,
     PREDICTION_TYPE,
+    UNET_CHANNELS,
     assemble_pipeline,
     build_image_encoder,
     build_text_encoder,
@@ -112,6 +113,8 @@ class TrainBaseConfig:
     cfg_dropout: float = 0.1
     color_caption_prob: float = 0.5
     unet_max_rotation: float = 360.0
+    unet_channels: str = ",".join(map(str, UNET_CHANNELS))
+    """Widths of the UNet's three levels, comma-separated (v4: 32,64,128)."""
     prediction_type: str = PREDICTION_TYPE
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.9995
@@ -482,7 +485,8 @@ def train_unet(
     tokenizer = build_tokenizer()
     with _seeded(config.seed + 2):
         text_encoder = build_text_encoder(tokenizer).train()
-        unet = build_unet(vae.config.latent_channels).train()
+        channels = tuple(int(c) for c in config.unet_channels.split(","))
+        unet = build_unet(vae.config.latent_channels, channels).train()
     scheduler = build_train_scheduler(config.prediction_type)
     mean, std = encode_latents(vae, frames.images)
     scaling = vae.config.scaling_factor

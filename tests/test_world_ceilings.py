@@ -114,12 +114,13 @@ def test_train_base_smoke_on_the_patch_autoencoder_with_mixed_precision(tmp_path
     """The GPU command's smoke mode, on the CPU: bf16 autocast, the patch latents, snapshots for learning curves."""
     config = parse_args(
         ["--output_dir", str(tmp_path), "--smoke", "--autoencoder", "patch", "--mixed_precision", "bf16",
-         "--device", "cpu", "--snapshot_every", "2"]
+         "--device", "cpu", "--snapshot_every", "2", "--unet_channels", "64,64,128"]
     )  # fmt: skip
     assert config.unet_steps == 4 and config.num_train_subjects == 3 and config.autoencoder == "patch"
     train_base(config, log=lambda message: None)
     pipe = load_synthetic_base(path=tmp_path)
     assert isinstance(pipe.vae, PatchAutoencoder) and pipe.unet.config.in_channels == 48
+    assert tuple(pipe.unet.config.block_out_channels) == (64, 64, 128)
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step_2", "step_4"]
     snapshot = load_synthetic_base(path=tmp_path / "snapshots" / "step_4")  # a whole pipeline, for learning curves
     assert all(torch.equal(a, b) for a, b in zip(snapshot.unet.parameters(), pipe.unet.parameters()))

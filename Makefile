@@ -12,13 +12,13 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test app lint clean-venv
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m diffusers_customcontrast.demo
+	$(VENV)/bin/python -m customcontrast_world.demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 app: $(STAMP)
-	$(VENV)/bin/python -m diffusers_customcontrast.app
+	$(VENV)/bin/python -m customcontrast_world.app
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -26,9 +26,10 @@ lint: $(STAMP)
 
 # torch stays pinned (constraints.txt) to the build the suite is tested with; controlnet_aux goes in without its
 # dependencies (they would pull torchvision and a CUDA torch): its Canny detector needs only opencv, numpy and PIL.
-$(STAMP): pyproject.toml constraints.txt
+# The library with every extra, and the synthetic world's package beside it (world/: the demo, the app, the assets).
+$(STAMP): pyproject.toml world/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e ".[test,prepare]"
+	$(PIP) install -c constraints.txt -e ".[test]" -e "./world[app]"
 	$(PIP) install -c constraints.txt --no-deps controlnet_aux==0.0.10
 	touch $@
 

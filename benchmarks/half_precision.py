@@ -177,8 +177,8 @@ def ip_adapter_attach(sigma: float):
 
 
 def world_rows(trace: bool) -> dict:
-    from diffusers_customcontrast.world.base_model import load_synthetic_base
-    from diffusers_customcontrast.world.recipe import WORLD_ADAPTER_DIR
+    from customcontrast_world.base_model import load_synthetic_base
+    from customcontrast_world.recipe import WORLD_ADAPTER_DIR
 
     def make():
         return load_synthetic_base()

@@ -3,14 +3,14 @@
 Each held-out subject of a world is given its first N frames (frame 0, the plain photo, then other views, sizes and
 positions) through ``pipe.encode_customcontrast_subjects([photos], combine=...)``; the world's evaluation prompts are
 generated with the world's base model and an adapter trained on the world, and scored by the world's judge
-(``diffusers_customcontrast.world``: ``evaluation_prompts``, ``generate``-then-``score_world_images``). The identity
+(``customcontrast_world``: ``evaluation_prompts``, ``generate``-then-``score_world_images``). The identity
 gallery leaves out the first 5 frames, so that no reference photo is what scores best.
 
     python benchmarks/several_photos.py --world path/to/world --adapter path/to/world-adapter \\
         --photos 1 3 5 --combine concat mean --output benchmarks/results/several_photos.json
 
 Needs an adapter trained on the world (the shipped one is ``world.recipe.WORLD_ADAPTER_DIR``;
-``python -m diffusers_customcontrast.world.benchmark`` trains others, about 10 minutes of one CPU thread per run) and a
+``python -m customcontrast_world.benchmark`` trains others, about 10 minutes of one CPU thread per run) and a
 world written with at least 5 frames per subject (``write_world``).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from diffusers_customcontrast.world import evaluation_prompts, load_synthetic_base, load_world, load_world_judge
-from diffusers_customcontrast.world.evaluation import score_world_images
-from diffusers_customcontrast.world.metrics import SubjectGallery
+from customcontrast_world import evaluation_prompts, load_synthetic_base, load_world, load_world_judge
+from customcontrast_world.evaluation import score_world_images
+from customcontrast_world.metrics import SubjectGallery
 
 
 def generate(pipe, world, prompts, photos: int, combine: str, steps: int, guidance_scale: float) -> tuple[list, list]:

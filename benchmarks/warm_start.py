@@ -54,6 +54,12 @@ from common import machine_info, markdown_table, parse_args, stage, write_result
 from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 
+from customcontrast_world import World, load_synthetic_base, load_world_judge, write_world
+from customcontrast_world.benchmark import BenchmarkSettings
+from customcontrast_world.evaluation import WorldPrompt, generate_world_images, score_world_images
+from customcontrast_world.metrics import SubjectGallery
+from customcontrast_world.recipe import world_training_config
+from customcontrast_world.report import smoothed
 from diffusers_customcontrast import load_customcontrast, unload_customcontrast
 from diffusers_customcontrast.loaders.convert import CONVERTED_OPTIONS, ip_adapter_state_dict
 from diffusers_customcontrast.losses import diffusion_loss, diffusion_target
@@ -68,16 +74,10 @@ from diffusers_customcontrast.training import (
     train,
 )
 from diffusers_customcontrast.training.dataset import build_training_data, load_training_subjects
-from diffusers_customcontrast.world import World, load_synthetic_base, load_world_judge, write_world
-from diffusers_customcontrast.world.benchmark import BenchmarkSettings
-from diffusers_customcontrast.world.evaluation import WorldPrompt, generate_world_images, score_world_images
-from diffusers_customcontrast.world.metrics import SubjectGallery
-from diffusers_customcontrast.world.recipe import world_training_config
-from diffusers_customcontrast.world.report import smoothed
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURE = REPO / "docs" / "images" / "warm_start.png"
-BASE_MODEL_FOLDER = "diffusers_customcontrast/assets/synthetic-base"
+BASE_MODEL_FOLDER = "world/customcontrast_world/assets/synthetic-base"
 CHECKPOINT_NAME = "world-ip-adapter-plus.safetensors"
 
 # IP-Adapter-Plus's shape for the world's base model (diffusers builds Resamplers of depth 4 with 64-wide heads) and

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_customcontrast.app import GenerationRequest, SubjectStudio, UploadError, read_subject_images
-from diffusers_customcontrast.app import studio as studio_module
-from diffusers_customcontrast.app.__main__ import main
-from diffusers_customcontrast.app.studio import load_studio, location_strip, world_examples
+from customcontrast_world.app import GenerationRequest, SubjectStudio, UploadError, read_subject_images
+from customcontrast_world.app import studio as studio_module
+from customcontrast_world.app.__main__ import main
+from customcontrast_world.app.studio import load_studio, location_strip, world_examples
 from diffusers_customcontrast.conditioning import StepRecord
 from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_adapter, tiny_sd15_pipeline
 
@@ -195,7 +195,7 @@ def browser():
 def served_app():
     """The page of a tiny studio offering two world subjects, on a free localhost port; yields ``(url, studio)``."""
     pytest.importorskip("gradio", reason='the web app needs gradio: pip install -e ".[app]"')
-    from diffusers_customcontrast.app.layout import build_app, launch_app
+    from customcontrast_world.app.layout import build_app, launch_app
 
     studio = tiny_studio(examples=world_examples(2))
     with socket.socket() as probe:

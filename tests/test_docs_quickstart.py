@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from customcontrast_world import load_synthetic_base, write_world
 from diffusers_customcontrast import CustomContrastAdapter
-from diffusers_customcontrast.world import load_synthetic_base, write_world
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "docs" / "quickstart.md"
 

@@ -230,19 +230,18 @@ def test_convert_command_line(sd15_pipe, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("module", "option"),
+    ("module", "command", "option"),
     [
-        ("diffusers_customcontrast.loaders.convert", "--ip_adapter"),
-        ("diffusers_customcontrast.world.demo", "--pretrained"),
+        ("diffusers_customcontrast.loaders.convert", "diffusers_customcontrast.convert", "--ip_adapter"),
+        ("customcontrast_world.demo", "customcontrast_world.demo", "--pretrained"),
     ],
 )
-def test_command_line_help_names_the_command_and_its_defaults(module, option, capsys):
+def test_command_line_help_names_the_command_and_its_defaults(module, command, option, capsys):
     import importlib
 
     with pytest.raises(SystemExit) as stopped:
         importlib.import_module(module).main(["--help"])
     assert stopped.value.code == 0
     text = capsys.readouterr().out
-    command = module.rsplit(".", 1)[-1]
-    assert text.startswith(f"usage: python -m diffusers_customcontrast.{command} ")
+    assert text.startswith(f"usage: python -m {command} ")
     assert option in text and "(default:" in text and "``" not in text

@@ -1,4 +1,4 @@
-"""Tests of diffusers_customcontrast.world: the synthetic world on disk and the shipped synthetic base model."""
+"""Tests of customcontrast_world: the synthetic world on disk and the shipped synthetic base model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from customcontrast_world import WorldSpec, load_world, write_world
+from customcontrast_world.base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
+from customcontrast_world.evaluate_base import background_distances, nearest_background
 from diffusers_customcontrast.data import load_subject_folder
 from diffusers_customcontrast.data.synthetic import (
     BACKGROUND_BY_NAME,
@@ -22,9 +25,6 @@ from diffusers_customcontrast.data.synthetic import (
     render_view,
     sample_scene,
 )
-from diffusers_customcontrast.world import WorldSpec, load_world, write_world
-from diffusers_customcontrast.world.base_model import SYNTHETIC_BASE_DIR, load_synthetic_base
-from diffusers_customcontrast.world.evaluate_base import background_distances, nearest_background
 
 SMALL = {"num_train_subjects": 6, "num_heldout_subjects": 3, "frames_per_subject": 4, "size": 48, "seed": 3}
 
@@ -193,7 +193,7 @@ def test_prompt_controls_the_background(base_pipe):
 
 
 def test_train_base_writes_a_loadable_pipeline(tmp_path: Path):
-    from diffusers_customcontrast.world.train_base import parse_args, train_base
+    from customcontrast_world.train_base import parse_args, train_base
 
     config = parse_args(
         [
@@ -217,8 +217,8 @@ def test_train_base_resumes_exactly_after_sigterm(tmp_path: Path):
 
     from safetensors.torch import load_file
 
-    from diffusers_customcontrast.world.resumable import TrainingInterrupted
-    from diffusers_customcontrast.world.train_base import parse_args, train_base
+    from customcontrast_world.resumable import TrainingInterrupted
+    from customcontrast_world.train_base import parse_args, train_base
 
     def config(folder: str):
         return parse_args(

@@ -15,24 +15,24 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_customcontrast import demo as demo_module
-from diffusers_customcontrast import load_customcontrast
-from diffusers_customcontrast.data.synthetic import BACKGROUNDS, COLOR_VALUES
-from diffusers_customcontrast.models import CustomContrastAdapter
-from diffusers_customcontrast.training.components import adapter_kwargs
-from diffusers_customcontrast.world import benchmark, load_synthetic_base, write_world
-from diffusers_customcontrast.world.evaluation import (
+from customcontrast_world import benchmark, load_synthetic_base, write_world
+from customcontrast_world import demo as demo_module
+from customcontrast_world.evaluation import (
     evaluate_on_world,
     evaluation_prompts,
     generate_world_images,
     render_prompt,
     score_world_images,
 )
-from diffusers_customcontrast.world.judge import load_world_judge
-from diffusers_customcontrast.world.metrics import SubjectGallery, chroma, is_sketch, scene_obeyed
-from diffusers_customcontrast.world.recipe import ABLATIONS, world_training_config
-from diffusers_customcontrast.world.report import scores_table, smoothed
-from diffusers_customcontrast.world.train_judge import TrainJudgeConfig, train_judge
+from customcontrast_world.judge import load_world_judge
+from customcontrast_world.metrics import SubjectGallery, chroma, is_sketch, scene_obeyed
+from customcontrast_world.recipe import ABLATIONS, world_training_config
+from customcontrast_world.report import scores_table, smoothed
+from customcontrast_world.train_judge import TrainJudgeConfig, train_judge
+from diffusers_customcontrast import load_customcontrast
+from diffusers_customcontrast.data.synthetic import BACKGROUNDS, COLOR_VALUES
+from diffusers_customcontrast.models import CustomContrastAdapter
+from diffusers_customcontrast.training.components import adapter_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +226,14 @@ def test_demo_trains_generates_and_reports(tmp_path: Path):
     assert Image.open(report / "grid.png").size[0] > 64 * 3
 
 
+def test_the_demo_command_runs_as_the_readme_starts_it(tmp_path: Path):
+    """``python -m customcontrast_world.demo`` (what ``make demo`` runs) as a process, at smoke size."""
+    command = [sys.executable, "-m", "customcontrast_world.demo", "--smoke", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[4/4] Writing the report" in result.stderr and (tmp_path / "report" / "report.md").is_file()
+
+
 def test_demo_pretrained_without_an_adapter_folder_says_so_before_any_work(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as stopped:
         demo_module.main(["--pretrained", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
@@ -297,7 +305,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
 def test_sigterm_to_the_benchmark_stops_its_worker_processes_too(tmp_path: Path):
-    command = [sys.executable, "-m", "diffusers_customcontrast.world.benchmark", "--smoke", "--workers", "2"]
+    command = [sys.executable, "-m", "customcontrast_world.benchmark", "--smoke", "--workers", "2"]
     proc = subprocess.Popen(
         [*command, "--output_dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

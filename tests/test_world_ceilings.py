@@ -11,19 +11,19 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from diffusers_customcontrast.data.synthetic import SHAPES
-from diffusers_customcontrast.world import benchmark, load_synthetic_base, write_world
-from diffusers_customcontrast.world.autoencoder import PatchAutoencoder
-from diffusers_customcontrast.world.ceilings import (
+from customcontrast_world import benchmark, load_synthetic_base, write_world
+from customcontrast_world.autoencoder import PatchAutoencoder
+from customcontrast_world.ceilings import (
     CEILING_STAGES,
     autoencoder_reconstructions,
     shape_accuracy_per_class,
 )
-from diffusers_customcontrast.world.evaluation import evaluation_prompts, judge_world_images, render_prompt
-from diffusers_customcontrast.world.judge import load_world_judge
-from diffusers_customcontrast.world.metrics import SubjectGallery
-from diffusers_customcontrast.world.recipe import WORLD_ADAPTER_DIR
-from diffusers_customcontrast.world.train_base import TrainBaseConfig, parse_args, train_base
+from customcontrast_world.evaluation import evaluation_prompts, judge_world_images, render_prompt
+from customcontrast_world.judge import load_world_judge
+from customcontrast_world.metrics import SubjectGallery
+from customcontrast_world.recipe import WORLD_ADAPTER_DIR
+from customcontrast_world.train_base import TrainBaseConfig, parse_args, train_base
+from diffusers_customcontrast.data.synthetic import SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_a_pipeline_with_the_patch_autoencoder_saves_and_loads_offline(tmp_path:
     assert pipe.vae_scale_factor == 4
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["vae"] == ["diffusers_customcontrast.world.autoencoder", "PatchAutoencoder"]
+    assert index["vae"] == ["customcontrast_world.autoencoder", "PatchAutoencoder"]
     with caplog.at_level(logging.WARNING):
         loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
     assert isinstance(loaded.vae, PatchAutoencoder)
@@ -114,13 +114,16 @@ def test_train_base_smoke_on_the_patch_autoencoder_with_mixed_precision(tmp_path
     """The GPU command's smoke mode, on the CPU: bf16 autocast, the patch latents, snapshots for learning curves."""
     config = parse_args(
         ["--output_dir", str(tmp_path), "--smoke", "--autoencoder", "patch", "--mixed_precision", "bf16",
-         "--device", "cpu", "--snapshot_every", "2"]
+         "--device", "cpu", "--snapshot_every", "2", "--unet_channels", "64,64,128"]
     )  # fmt: skip
     assert config.unet_steps == 4 and config.num_train_subjects == 3 and config.autoencoder == "patch"
     train_base(config, log=lambda message: None)
     pipe = load_synthetic_base(path=tmp_path)
     assert isinstance(pipe.vae, PatchAutoencoder) and pipe.unet.config.in_channels == 48
+    assert tuple(pipe.unet.config.block_out_channels) == (64, 64, 128)
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step_2", "step_4"]
+    snapshot = load_synthetic_base(path=tmp_path / "snapshots" / "step_4")  # a whole pipeline, for learning curves
+    assert all(torch.equal(a, b) for a, b in zip(snapshot.unet.parameters(), pipe.unet.parameters()))
     image = pipe("a star on grass", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from customcontrast_world.judge import WorldJudge
+from customcontrast_world.palette import palette_colors
 from diffusers_customcontrast.data.synthetic import COLORS, SyntheticSubject, View, render_view
-from diffusers_customcontrast.world.judge import WorldJudge
-from diffusers_customcontrast.world.palette import palette_colors
 
 
 def _render(subject: SyntheticSubject, background: str, brightness: float = 1.0, companion: str | None = None):

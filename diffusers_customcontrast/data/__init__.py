@@ -28,11 +28,12 @@ from .formats import (
     load_hf_subjects,
     load_subject_folder,
     load_subject_manifest,
-    load_subjects,
 )
 from .sampler import UniqueSubjectBatchSampler
 from .shard_sampler import ShardedSubjectBatchSampler
-from .shards import ShardedSubjectIndex, load_subject_shards, write_subject_shards
+from .shard_writer import write_subject_shards
+from .shards import ShardedSubjectIndex, load_subject_shards
+from .sources import load_subjects
 from .synthetic import SyntheticSubject, make_subject, render_frame, write_synthetic_dataset
 from .triplets import BadDataError, SubjectTripletDataset, TripletDraw, UnusableFrameError, collate_triplets
 

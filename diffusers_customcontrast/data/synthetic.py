@@ -9,7 +9,7 @@ Everything is numpy + PIL and fast (8 subjects x 4 frames at 64 px take a few mi
 CPU trainings can make data on the fly. The vocabularies are module-level tuples / mappings so that the world
 can be grown (new shapes in ``_OUTLINES``, textures in ``_TEXTURES``, scenes in ``BACKGROUNDS``, second objects in
 ``COMPANIONS``, styles in ``STYLES``). :func:`render_frame` draws plain views (no brightness change, no second object,
-no style); :func:`sample_scene` draws the full variety that :mod:`diffusers_customcontrast.world` writes.
+no style); :func:`sample_scene` draws the full variety that :mod:`customcontrast_world` writes.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .formats import Frame, ImageReadError, ImageSource, SubjectIndex, load_subjects
+from .formats import Frame, ImageReadError, ImageSource, SubjectIndex
+from .sources import load_subjects
 from .transforms import (
     binarize_mask,
     image_to_tensor,

@@ -8,7 +8,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -102,7 +101,7 @@ class CustomContrastAdapter(ModelMixin, ConfigMixin):
         """
         config = CustomContrastAdapterConfig.for_unet(unet, image_encoder, **options)
         on_meta = any(p.is_meta for p in unet.parameters())
-        with init_empty_weights() if on_meta else nullcontext():
+        with torch.device("meta") if on_meta else nullcontext():
             adapter = cls(config)
         if init_from_unet and not on_meta:
             adapter.init_visual_attention_from(unet)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
 SD15_UNET_CONFIG: dict = {
@@ -50,6 +49,6 @@ def full_size_unet(family: str, meta: bool = True, dtype: torch.dtype = torch.fl
     """A full-size SD1.5 (``"sd15"``) or SDXL (``"sdxl"``) UNet with random weights, on the meta device by default."""
     if family not in UNET_CONFIGS:
         raise ValueError(f"family must be one of {sorted(UNET_CONFIGS)}, got {family!r}.")
-    with init_empty_weights() if meta else nullcontext():
+    with torch.device("meta") if meta else nullcontext():
         unet = UNet2DConditionModel(**UNET_CONFIGS[family])
     return unet if meta else unet.to(dtype)

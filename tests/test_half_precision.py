@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_training import tiny_config
 
 import diffusers_customcontrast  # noqa: F401  (registers pipe.load_customcontrast)
 from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
@@ -20,7 +21,6 @@ from diffusers_customcontrast.models.adapter import CustomContrastAdapter
 from diffusers_customcontrast.models.mfi_encoder import MAX_FUSION_RMS, FusionProjection, TVFusion, cap_rms
 from diffusers_customcontrast.models.qformer import Float32Linear, attention, split_heads
 from diffusers_customcontrast.testing.tiny_models import (
-    TINY_ADAPTER_CONFIG,
     make_subject_image,
     tiny_adapter,
     tiny_sd15_pipeline,
@@ -31,7 +31,6 @@ from diffusers_customcontrast.training import (
     ConditioningDropout,
     CustomContrastObjective,
     ObjectiveSettings,
-    TrainingConfig,
     build_adapter,
     step_generator,
     train,
@@ -177,28 +176,11 @@ def files(tmp_path_factory):
     return {"sd15": root / "sd15", "data": root / "subjects"}
 
 
-def _config(files, output_dir, **overrides) -> TrainingConfig:
-    values = {
-        "pretrained_model_name_or_path": str(files["sd15"]),
-        "train_data": str(files["data"]),
-        "resolution": RESOLUTION,
-        "train_batch_size": 2,
-        "max_train_steps": 2,
-        "checkpointing_steps": None,
-        "learning_rate": 1e-3,
-        "report_to": "none",
-        "output_dir": str(output_dir),
-        **{f"adapter_{key}": value for key, value in TINY_ADAPTER_CONFIG.items()},
-        **overrides,
-    }
-    return TrainingConfig.from_dict(values)
-
-
 def test_training_under_accelerate_bf16_mixed_precision_keeps_losses_finite(files, tmp_path):
     """The trainer under accelerate's bf16 mixed precision on CPU: every step's losses are finite and no step is
     skipped for a non-finite loss or gradient. (accelerate runs fp16 mixed precision on a GPU only: on CPU it enables
     no autocast; the next test runs fp16 with torch's own CPU autocast and gradient scaler.)"""
-    result = train(_config(files, tmp_path, mixed_precision="bf16", max_train_steps=3))
+    result = train(tiny_config(files, tmp_path, mixed_precision="bf16", max_train_steps=3))
     assert [entry["step"] for entry in result.loss_history] == [1, 2, 3]
     for entry in result.loss_history:
         assert not entry.get("nonfinite"), entry
@@ -212,7 +194,7 @@ def test_trained_size_weights_keep_gradients_finite_under_autocast(files, tmp_pa
     """Two optimizer steps of the objective of an adapter with trained-size weights, under CPU autocast in half
     precision (what mixed precision runs), fp16 with torch's gradient scaler: finite losses, finite gradients for
     every parameter, and the scaler skips no step."""
-    config = _config(files, tmp_path, adapter_tv_fusion_init="random")
+    config = tiny_config(files, tmp_path, adapter_tv_fusion_init="random")
     base = BaseModel.from_pipeline(tiny_sd15_pipeline())
     base.freeze("cpu", torch.float32)
     torch.manual_seed(0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -61,16 +60,14 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError(f"expected patch_size to be a power of two, got {patch_size}")
         # Derived, and recorded in the config because pipelines read them there: block_out_channels has
         # log2(p) + 1 entries so that a pipeline's vae_scale_factor, 2 ** (len - 1), is p.
-        derived = {
-            "latent_channels": in_channels * patch_size**2,
-            "block_out_channels": [in_channels * patch_size**2] * (int(math.log2(patch_size)) + 1),
-        }
-        for name, value in derived.items():
-            given = {"latent_channels": latent_channels, "block_out_channels": block_out_channels}[name]
-            if given is not None and list(np.atleast_1d(given)) != list(np.atleast_1d(value)):
-                raise ValueError(f"expected {name}={value} for patch_size={patch_size}, got {given}")
-        self.register_to_config(**derived)
-        channels = self.config.latent_channels
+        channels = in_channels * patch_size**2
+        blocks = [channels] * (int(math.log2(patch_size)) + 1)
+        if latent_channels not in (None, channels) or block_out_channels not in (None, blocks, tuple(blocks)):
+            raise ValueError(
+                f"expected latent_channels={channels} and block_out_channels={blocks} for patch_size={patch_size}, "
+                f"got {latent_channels} and {block_out_channels}"
+            )
+        self.register_to_config(latent_channels=channels, block_out_channels=blocks)
         self.register_buffer("latents_mean", torch.zeros(channels))
         self.register_buffer("latents_std", torch.ones(channels))
 

@@ -309,10 +309,14 @@ def _generations(
     ``generation.json`` recording the prompts, sampler settings, base model and adapter weights they were made with.
     """
     prompts = settings.prompts(world, seed, name_colors)
-    adapter = {None: None, ADAPTER: settings.adapter}.get(run, settings.run_dir(run, seed) if run else None)
-    base = Path(settings.output_dir) / ("base_model_colours_named" if name_colors else "base_model") / f"seed_{seed}"
-    kept = Path(settings.output_dir) / "adapter" / f"seed_{seed}" if run == ADAPTER else adapter or base
-    folder = kept / "generations" / f"scale_{scale:g}"
+    output_dir = Path(settings.output_dir)
+    if run is None:
+        adapter, kept = None, output_dir / ("base_model_colours_named" if name_colors else "base_model")
+    elif run == ADAPTER:
+        adapter, kept = settings.adapter, output_dir / "adapter"
+    else:
+        adapter, kept = settings.run_dir(run, seed), settings.run_dir(run, seed).parent
+    folder = kept / f"seed_{seed}" / "generations" / f"scale_{scale:g}"
     record = {
         "prompts": [dataclasses.asdict(p) for p in prompts],
         "num_inference_steps": settings.num_inference_steps,

@@ -19,7 +19,7 @@ import diffusers_customcontrast  # noqa: F401  (registers pipe.load_customcontra
 from diffusers_customcontrast.data import SubjectTripletDataset, collate_triplets, write_synthetic_dataset
 from diffusers_customcontrast.models.adapter import CustomContrastAdapter
 from diffusers_customcontrast.models.mfi_encoder import MAX_FUSION_RMS, FusionProjection, TVFusion, cap_rms
-from diffusers_customcontrast.models.qformer import Float32Linear, attention, split_heads
+from diffusers_customcontrast.models.qformer import Float32LayerNorm, Float32Linear, attention, split_heads
 from diffusers_customcontrast.testing.tiny_models import (
     make_subject_image,
     tiny_adapter,
@@ -129,25 +129,43 @@ def test_half_precision_attention_and_linears_compute_in_float32(dtype):
         assert torch.equal(attention(q.to(dtype), k.to(dtype), v.to(dtype)), attended)
 
 
-def test_fusion_in_float32_reads_an_image_context_of_half_tokens():
+@pytest.mark.parametrize("normalised", [True, False], ids=["normalised", "capped"])
+def test_fusion_in_float32_reads_an_image_context_of_half_tokens(normalised):
     """The fusion's keys and values come back float32 from ``keys_values``; half ones (an image context made in
     half precision by a caller) are upcast, and the fused tokens keep the visual tokens' dtype."""
-    fusion = TVFusion(16, 8, 2, identity_init=False).half()
+    fusion = TVFusion(16, 8, 2, identity_init=False, normalised=normalised).half()
+    norm = Float32LayerNorm(8).half()
     hidden = torch.randn(1, 4, 16).half()
     keys, values = fusion.keys_values(hidden)
     assert keys.dtype == values.dtype == torch.float32
-    out = fusion(torch.randn(1, 3, 2, 16).half(), keys.half(), values.half(), torch.randn(1, 4, 8).half())
+    out = fusion(torch.randn(1, 3, 2, 16).half(), keys.half(), values.half(), torch.randn(1, 4, 8).half(), norm)
     assert out.dtype == torch.float16 and out.shape == (1, 3, 4, 8) and torch.isfinite(out).all()
     assert split_heads(hidden.float(), 2).shape == values.shape
+
+
+def test_the_normalised_fusion_keeps_every_layers_tokens_layer_normed_and_is_exact_at_identity_init():
+    """Whatever ``proj`` adds, the tokens a layer reads are a LayerNorm's output (RMS 1 before its affine part), as
+    IP-Adapter-Plus's are; at identity init (``proj`` zero) they are exactly the visual Q-Former's ``norm_out``."""
+    generator = torch.Generator().manual_seed(0)
+    norm = Float32LayerNorm(8, elementwise_affine=False)
+    tokens = torch.randn(2, 4, 8, generator=generator)
+    textual, hidden = torch.randn(2, 3, 2, 16, generator=generator), torch.randn(2, 4, 16, generator=generator)
+    fusion = TVFusion(16, 8, 2, identity_init=True, normalised=True)
+    identity = fusion(textual, *fusion.keys_values(hidden), tokens, norm)
+    assert torch.equal(identity, norm(tokens)[:, None].expand(-1, 3, -1, -1))
+    with torch.no_grad():
+        fusion.proj.weight.normal_(std=1e3, generator=generator)  # adds tokens ~1e4 times the size of ``tokens``
+    fused = fusion(textual, *fusion.keys_values(hidden * 1e3), tokens, norm)
+    torch.testing.assert_close(fused.pow(2).mean(-1), torch.ones(2, 3, 4), rtol=0, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-def _generate(pipe) -> np.ndarray:
+def _generate(pipe, subject: bool = True) -> np.ndarray:
     return pipe(
         "a photo of a dog",
-        ip_adapter_image=make_subject_image(0),
+        **({"ip_adapter_image": make_subject_image(0)} if subject else {}),
         num_inference_steps=2,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
@@ -163,6 +181,39 @@ def test_a_pipeline_with_a_trained_size_adapter_generates_finite_images_in_half_
     reference = _generate(pipe)
     images = _generate(pipe.to(dtype))
     assert np.isfinite(reference).all() and np.isfinite(images).all()
+
+
+def _drift(make_pipe, dtype, subject: bool = True) -> float:
+    """Max abs difference of ``dtype`` images to float32 ones, each pipeline built afresh the same way."""
+    reference = _generate(make_pipe(), subject)
+    return float(np.abs(_generate(make_pipe().to(dtype), subject) - reference).max())
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.2])
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_half_precision_images_stay_within_ten_times_the_base_pipelines_own_drift(sigma, dtype):
+    """Issue 29's bar: with a default adapter perturbed to trained-size weights, fp16 and bf16 images are within
+    max(10 x the base pipeline's own drift, 0.02) of float32 (with the "capped" fusion: fp16 0.25 / 0.80 at sigma
+    0.05 / 0.2, against 0.028). Sigma 0.5 is not met yet (docs/reliability.md)."""
+
+    def loaded():
+        pipe = tiny_sd15_pipeline()
+        torch.manual_seed(0)
+        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder)
+        perturb(adapter, sigma)
+        pipe.load_customcontrast(adapter)
+        return pipe
+
+    base = _drift(tiny_sd15_pipeline, dtype, subject=False)
+    assert _drift(loaded, dtype) <= max(10 * base, 0.02)
+
+
+def test_adapters_saved_before_config_format_3_keep_the_capped_fusion():
+    config = CustomContrastAdapter.from_unet(*(lambda p: (p.unet, p.image_encoder))(tiny_sd15_pipeline())).config
+    assert config["tv_fusion_residual"] == "normalised" and config["format_version"] == 3
+    old = {k: v for k, v in config.items() if k != "tv_fusion_residual"}
+    assert CustomContrastAdapter.from_config({**old, "format_version": 2}).encoder.tv_fusion.normalised is False
+    assert CustomContrastAdapter.from_config(old).encoder.tv_fusion.normalised is True
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -8,6 +8,7 @@ from .config import (
     FORMAT_VERSION,
     IMAGE_INPUTS,
     TV_FUSION_INITS,
+    TV_FUSION_RESIDUALS,
     VISUAL_PROJECTIONS,
     CustomContrastAdapterConfig,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SubjectTokens",
     "TVFusion",
     "TV_FUSION_INITS",
+    "TV_FUSION_RESIDUALS",
     "VISUAL_PROJECTIONS",
     "VisualQFormer",
     "cross_attention_layout",

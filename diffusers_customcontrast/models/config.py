@@ -24,14 +24,21 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGE_INPUTS",
     "TV_FUSION_INITS",
+    "TV_FUSION_RESIDUALS",
     "VISUAL_PROJECTIONS",
     "CustomContrastAdapterConfig",
 ]
 
 # 2: the visual Q-Former is IP-Adapter-Plus's Resampler (with a CLS query), the TV fusion a residual, each layer has
 # a location gate. Format-1 configs read the same; their weights (the earlier layout) are refused by the loader.
-FORMAT_VERSION = 2
+# 3: tv_fusion_residual; configs of formats 1 and 2 hold none and read as "capped", what they were trained with.
+FORMAT_VERSION = 3
 TV_FUSION_INITS = ("random", "identity")
+# Where the TV fusion adds its re-weighted tokens (issue 29): "normalised", before the visual projection's output
+# LayerNorm (every layer's tokens are normalised as IP-Adapter-Plus's are, whatever the fusion adds; its queries and
+# keys RMS-normalised, so its attention logits are bounded); "capped", after it, with the added part's RMS capped
+# (models/mfi_encoder.py's MAX_FUSION_RMS), the form of adapters saved before format 3.
+TV_FUSION_RESIDUALS = ("normalised", "capped")
 # What the adapter reads: hidden states of the image encoder (IP-Adapter-Plus), or its pooled, projected
 # ``image_embeds`` (plain IP-Adapter), which diffusers' pipelines then compute, with zeros as the negative.
 IMAGE_INPUTS = ("hidden_states", "image_embeds")
@@ -102,6 +109,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "location_init_bias": (_is_number, "a finite number"),
     "location_gate_init": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "tv_fusion_init": (lambda v: isinstance(v, str) and v in TV_FUSION_INITS, f"one of {', '.join(TV_FUSION_INITS)}"),
+    "tv_fusion_residual": (
+        lambda v: isinstance(v, str) and v in TV_FUSION_RESIDUALS,
+        f"one of {', '.join(TV_FUSION_RESIDUALS)}",
+    ),
     "s_plus_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     "image_input": (lambda v: isinstance(v, str) and v in IMAGE_INPUTS, f"one of {', '.join(IMAGE_INPUTS)}"),
     "visual_projection": (
@@ -214,6 +225,12 @@ class CustomContrastAdapterConfig:
         "'identity' starts the TV fusion's residual at zero (every layer reads the visual Q-Former's tokens as they "
         "are); 'random' initialises it as any linear layer.",
     )
+    tv_fusion_residual: str = _option(
+        "normalised",
+        "'normalised' adds the TV fusion's re-weighted tokens before the visual tokens' output LayerNorm, with "
+        "RMS-normalised queries and keys (stable in float16 and bfloat16 at any weight size); 'capped' adds them "
+        "after it, their RMS capped at 16 (adapters saved before config format 3).",
+    )
     location_gate_init: float = _option(
         1.0, "Initial strength of the location gates: 1 gates the visual branch by the location map, 0 leaves it open."
     )
@@ -252,8 +269,11 @@ class CustomContrastAdapterConfig:
             raise ValueError(
                 f"An adapter config must be a mapping of field names to values, got {type(values).__name__}."
             )
-        _check_format_version(values.get("format_version", FORMAT_VERSION))
+        version = values.get("format_version", FORMAT_VERSION)
+        _check_format_version(version)
         fields = {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith("_"))}
+        if version < 3:
+            fields.setdefault("tv_fusion_residual", "capped")
         unknown = sorted(str(k) for k in fields if k not in cls.field_names())
         if unknown:
             raise ValueError(
@@ -343,6 +363,7 @@ ARCHITECTURE_OPTIONS: tuple[str, ...] = (
     "mlp_ratio",
     "location_init_bias",
     "tv_fusion_init",
+    "tv_fusion_residual",
     "location_gate_init",
     "s_plus_scale",
     "image_input",

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
@@ -38,7 +39,8 @@ from .qformer import (
 class ImageContext:
     """What the encoder derives from the reference image alone (independent of timestep and layer)."""
 
-    visual_tokens: torch.Tensor  # [B, Nv, D_ctx]: the visual Q-Former's tokens at the UNet's context width
+    visual_tokens: torch.Tensor  # [B, Nv, D_ctx]: the visual Q-Former's tokens at the UNet's context width, before
+    # its output LayerNorm (which the TV fusion applies, with its own part added before or after it)
     visual_cls: torch.Tensor  # [B, H]
     textual_kv: KeysValues  # per textual Q-Former block, [B, heads, P, d] keys and values of the image
     fusion_keys: torch.Tensor  # [B, heads, Nv, d]
@@ -55,14 +57,13 @@ class SubjectTokens:
     textual_cls: torch.Tensor  # [B, L, H]
 
 
-# The largest RMS (over its channels) of what the TV fusion adds to a visual token. It adds ``proj`` of up to ``Nv``
-# times the visual Q-Former's unnormalised hidden states to tokens of RMS ~1 (IP-Adapter-Plus's ``norm_out``), a sum
-# with no bound: with weights of the size training gives it reached 200 to 2e5 (issue 29), beyond float16 (max
-# 65 504) at the larger ones, and at all of them it saturates the layers' visual attention so hard that rounding the
-# adapter's weights to float16 moved the images by 0.5 even when computed in float32. Above this RMS the added part is
-# scaled down to it; below, it is unchanged to the bit. 16 is 3.6x the largest the shipped world adapter adds (4.4);
-# a converted IP-Adapter(-Plus) adds nothing, so it is exact whatever its tokens' size. A candidate config field
-# (``max_fusion_rms``); a module constant until one exists.
+# The largest RMS (over its channels) of what a "capped" TV fusion (adapters saved before config format 3) adds to a
+# visual token after its LayerNorm. It adds ``proj`` of up to ``Nv`` times the visual Q-Former's unnormalised hidden
+# states to tokens of RMS ~1, a sum with no bound: with weights of the size training gives it reached 200 to 2e5
+# (issue 29), beyond float16 (max 65 504) at the larger ones. Above this RMS the added part is scaled down to it;
+# below, it is unchanged to the bit. 16 is 3.6x the largest the shipped world adapter adds (4.4). A cap bounds the
+# size but not the sensitivity: tokens 16x the size of the LayerNorm-ed ones saturate the layers' visual attention, so
+# that rounding the weights to float16 moved images by 0.25 to 0.8. The "normalised" fusion removes both.
 MAX_FUSION_RMS = 16.0
 
 
@@ -100,23 +101,30 @@ class TVFusion(nn.Module):
 
     ``A_l(t) = softmax(s_l W_q (V W_k)^T / sqrt(d))`` per head. Each visual token is weighed by the attention it
     receives from the layer's textual tokens (per head, scaled so that the weights average 1), and the re-weighted
-    tokens are added to the visual Q-Former's output through ``proj``::
+    tokens are added to the visual Q-Former's output through ``proj``. Where they are added is the config's
+    ``tv_fusion_residual`` (both our choice; the paper gives no equation)::
 
-        v_l(t)_j = V_out_j + cap(proj(Nv * mean_i A_l(t)_ij * V_j))
+        normalised:  v_l(t)_j = norm(U_j + proj(Nv * mean_i A_l(t)_ij * V_j)),  with RMS-normalised queries and keys
+        capped:      v_l(t)_j = norm(U_j) + cap(proj(Nv * mean_i A_l(t)_ij * V_j))
 
-    A residual rather than ``proj(A V)`` alone (our choice): with ``proj`` zero-initialised (``identity_init``)
-    every layer reads exactly the visual Q-Former's tokens, which is what a converted IP-Adapter-Plus needs, and
+    with ``U`` the visual Q-Former's tokens before its output LayerNorm ``norm`` (``V_out = norm(U)``, what the
+    layers of an IP-Adapter-Plus read). A residual rather than ``proj(A V)`` alone: with ``proj`` zero-initialised
+    (``identity_init``) every layer reads exactly ``V_out``, which is what a converted IP-Adapter-Plus needs, and
     training adds the layer- and timestep-dependent part from there.
 
-    Half precision (issue 29): the whole fusion runs in float32 (its Linears are :class:`Float32Linear`; a few
-    million multiply-adds per step), and ``cap`` (:func:`cap_rms`, at :data:`MAX_FUSION_RMS`) bounds the added part,
-    the one product here that can grow without bound, so the tokens cast back to the model's dtype are finite. In
-    float32 both change nothing below the cap.
+    Half precision (issue 29): the fusion and ``norm`` run in float32 (a few million multiply-adds per step).
+    "normalised" keeps every layer's tokens LayerNorm-ed as IP-Adapter-Plus's are, whatever ``proj`` adds, and bounds
+    the fusion's attention logits by ``sqrt(d)`` (QK-norm), so that neither the tokens' size nor a near-argmax
+    softmax makes the images hang on the weights' last bits. "capped" (:func:`cap_rms`, at :data:`MAX_FUSION_RMS`)
+    only bounds the size.
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_heads: int, identity_init: bool) -> None:
+    def __init__(
+        self, hidden_size: int, cross_attention_dim: int, num_heads: int, identity_init: bool, normalised: bool
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.normalised = normalised
         self.to_q = Float32Linear(hidden_size, hidden_size)
         self.to_k = Float32Linear(hidden_size, hidden_size)
         self.proj = FusionProjection(hidden_size, cross_attention_dim)
@@ -124,25 +132,37 @@ class TVFusion(nn.Module):
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
 
-    def keys_values(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        heads = split_heads(projected, self.num_heads)
+        return F.rms_norm(heads, (heads.shape[-1],)) if self.normalised else heads
+
+    def keys_values(self, visual_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head float32 keys and values ``[B, heads, Nv, d]`` of the visual tokens ``[B, Nv, H]``."""
-        keys = self.to_k(visual_tokens)
-        return split_heads(keys, self.num_heads), split_heads(visual_tokens.float(), self.num_heads)
+        return self._heads(self.to_k(visual_hidden)), split_heads(visual_hidden.float(), self.num_heads)
 
     def forward(
-        self, textual: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visual_tokens: torch.Tensor
+        self,
+        textual: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        norm: nn.Module,
     ) -> torch.Tensor:
-        """``textual`` ``[B, L, Ns, H]`` and the visual tokens ``[B, Nv, D_ctx]`` -> fused ``[B, L, Nv, D_ctx]``, in
-        the visual tokens' dtype."""
+        """``textual`` ``[B, L, Ns, H]``, the visual tokens before ``norm`` ``[B, Nv, D_ctx]`` -> fused
+        ``[B, L, Nv, D_ctx]``, in the visual tokens' dtype."""
         batch, layers, tokens, hidden = textual.shape
         num_visual = keys.shape[2]
         keys, values = keys.float(), values.float()  # an image context made before this module's fix is half
-        q = split_heads(self.to_q(textual.reshape(batch, layers * tokens, hidden)), self.num_heads)
+        q = self._heads(self.to_q(textual.reshape(batch, layers * tokens, hidden)))
         with float32_region(q):
             attention = (q @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5).softmax(dim=-1)
         weights = attention.unflatten(2, (layers, tokens)).mean(dim=3) * num_visual  # [B, heads, L, Nv]
-        added = cap_rms(self.proj(weights, values))  # proj(Nv * mean_i A_ij * V_j), bounded
-        return (visual_tokens[:, None].float() + added).to(visual_tokens.dtype)
+        added = self.proj(weights, values)  # proj(Nv * mean_i A_ij * V_j)
+        if self.normalised:
+            fused = norm(visual_tokens[:, None].float() + added)
+        else:
+            fused = norm(visual_tokens)[:, None] + cap_rms(added)
+        return fused.to(visual_tokens.dtype)
 
 
 class MFIEncoder(nn.Module):
@@ -186,7 +206,13 @@ class MFIEncoder(nn.Module):
         self.textual_qformer = QFormer(hidden, heads, config.textual_depth, config.mlp_ratio)
 
         self.s_plus_proj = nn.Sequential(nn.Linear(hidden, context), nn.LayerNorm(context))
-        self.tv_fusion = TVFusion(hidden, context, heads, identity_init=config.tv_fusion_init == "identity")
+        self.tv_fusion = TVFusion(
+            hidden,
+            context,
+            heads,
+            identity_init=config.tv_fusion_init == "identity",
+            normalised=config.tv_fusion_residual == "normalised",
+        )
 
     def encode_image(self, image_features: torch.Tensor) -> ImageContext:
         """The timestep-independent part: visual Q-Former and the image keys of the textual Q-Former and fusion."""
@@ -213,7 +239,13 @@ class MFIEncoder(nn.Module):
         ns = self.num_textual_tokens
         return SubjectTokens(
             s_plus=self.s_plus_proj(textual[:, :, :ns]),
-            visual=self.tv_fusion(textual[:, :, :ns], image.fusion_keys, image.fusion_values, image.visual_tokens),
+            visual=self.tv_fusion(
+                textual[:, :, :ns],
+                image.fusion_keys,
+                image.fusion_values,
+                image.visual_tokens,
+                self.visual_qformer.output_norm,
+            ),
             visual_cls=image.visual_cls,
             textual_cls=textual[:, :, ns],
         )

@@ -75,6 +75,21 @@ class Float32Linear(nn.Linear):
             return F.linear(input.float(), self.weight.float(), bias)
 
 
+class Float32LayerNorm(nn.LayerNorm):
+    """A LayerNorm computed in float32 whatever its parameters' and input's dtype; its output stays float32.
+
+    The visual tokens' output norm: the TV fusion adds to its input sums that can outgrow half precision (issue 29).
+    Like :class:`Float32Linear`, it reads its weights in its own ``forward`` (offload hooks load them) and keeps a
+    LayerNorm's state-dict keys.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.LayerNorm's argument name)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        with float32_region(input):
+            return F.layer_norm(input.float(), self.normalized_shape, weight, bias, self.eps)
+
+
 class QFormerBlock(nn.Module):
     """Pre-norm block: self-attention within each query group, cross-attention to the image, MLP."""
 
@@ -180,7 +195,8 @@ class VisualQFormer(nn.Module):
     ``queries`` row 0 is the CLS, rows 1.. are the Resampler's ``latents``; ``proj_in``, ``blocks`` (its ``layers``),
     ``proj_out`` and ``norm_out`` are its modules of the same names. Returns the CLS ``[B, H]`` (for the contrastive
     loss), the visual tokens at the Q-Former's width ``[B, Nv, H]`` (what the TV fusion weighs) and the visual
-    tokens at the UNet's context width ``[B, Nv, D_ctx]`` (the Resampler's output, what the layers read).
+    tokens at the UNet's context width ``[B, Nv, D_ctx]`` before ``norm_out`` (:attr:`output_norm`): the Resampler's
+    output is ``norm_out`` of them, and the TV fusion adds its part on either side of that norm.
     """
 
     def __init__(
@@ -198,7 +214,11 @@ class VisualQFormer(nn.Module):
         self.proj_in = nn.Linear(image_embed_dim, hidden_size)
         self.blocks = nn.ModuleList([PerceiverBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.proj_out = nn.Linear(hidden_size, cross_attention_dim)
-        self.norm_out = nn.LayerNorm(cross_attention_dim)
+        self.norm_out = Float32LayerNorm(cross_attention_dim)
+
+    @property
+    def output_norm(self) -> Float32LayerNorm:
+        return self.norm_out
 
     def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = self.proj_in(image_features)
@@ -206,7 +226,7 @@ class VisualQFormer(nn.Module):
         for block in self.blocks:
             queries = block(image, queries)
         tokens = queries[:, 1:]
-        return queries[:, 0], tokens, self.norm_out(self.proj_out(tokens))
+        return queries[:, 0], tokens, self.proj_out(tokens)
 
 
 class LinearVisualProjection(nn.Module):
@@ -224,11 +244,16 @@ class LinearVisualProjection(nn.Module):
         super().__init__()
         self.num_tokens = num_tokens
         self.proj = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
-        self.norm = nn.LayerNorm(cross_attention_dim)
+        self.norm = Float32LayerNorm(cross_attention_dim)
         self.cls_proj = nn.Linear(image_embed_dim, hidden_size)
         self.to_hidden = nn.Linear(cross_attention_dim, hidden_size)
 
     def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embeds = image_features.mean(dim=1)  # one token: exactly the image's embedding
-        tokens = self.norm(self.proj(embeds).unflatten(-1, (self.num_tokens, -1)))
-        return self.cls_proj(embeds), self.to_hidden(tokens), tokens
+        tokens = self.proj(embeds).unflatten(-1, (self.num_tokens, -1))
+        normed = self.norm(tokens).to(tokens.dtype)
+        return self.cls_proj(embeds), self.to_hidden(normed), tokens
+
+    @property
+    def output_norm(self) -> Float32LayerNorm:
+        return self.norm

@@ -31,13 +31,13 @@ __all__ = [
 
 # 2: the visual Q-Former is IP-Adapter-Plus's Resampler (with a CLS query), the TV fusion a residual, each layer has
 # a location gate. Format-1 configs read the same; their weights (the earlier layout) are refused by the loader.
-# 3: tv_fusion_residual; configs of formats 1 and 2 hold none and read as "capped", what they were trained with.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2
 TV_FUSION_INITS = ("random", "identity")
 # Where the TV fusion adds its re-weighted tokens (issue 29): "normalised", before the visual projection's output
 # LayerNorm (every layer's tokens are normalised as IP-Adapter-Plus's are, whatever the fusion adds; its queries and
 # keys RMS-normalised, so its attention logits are bounded); "capped", after it, with the added part's RMS capped
-# (models/mfi_encoder.py's MAX_FUSION_RMS), the form of adapters saved before format 3.
+# (models/mfi_encoder.py's MAX_FUSION_RMS), the form of every adapter saved before the field existed: a config.json
+# without it reads as "capped" (an older version refuses the unknown key of a newer adapter).
 TV_FUSION_RESIDUALS = ("normalised", "capped")
 # What the adapter reads: hidden states of the image encoder (IP-Adapter-Plus), or its pooled, projected
 # ``image_embeds`` (plain IP-Adapter), which diffusers' pipelines then compute, with zeros as the negative.
@@ -229,7 +229,7 @@ class CustomContrastAdapterConfig:
         "normalised",
         "'normalised' adds the TV fusion's re-weighted tokens before the visual tokens' output LayerNorm, with "
         "RMS-normalised queries and keys (stable in float16 and bfloat16 at any weight size); 'capped' adds them "
-        "after it, their RMS capped at 16 (adapters saved before config format 3).",
+        "after it, their RMS capped at 16 (what a config.json without this field means: adapters saved before it).",
     )
     location_gate_init: float = _option(
         1.0, "Initial strength of the location gates: 1 gates the visual branch by the location map, 0 leaves it open."
@@ -269,11 +269,9 @@ class CustomContrastAdapterConfig:
             raise ValueError(
                 f"An adapter config must be a mapping of field names to values, got {type(values).__name__}."
             )
-        version = values.get("format_version", FORMAT_VERSION)
-        _check_format_version(version)
+        _check_format_version(values.get("format_version", FORMAT_VERSION))
         fields = {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith("_"))}
-        if version < 3:
-            fields.setdefault("tv_fusion_residual", "capped")
+        fields.setdefault("tv_fusion_residual", "capped")  # saved before the field existed
         unknown = sorted(str(k) for k in fields if k not in cls.field_names())
         if unknown:
             raise ValueError(

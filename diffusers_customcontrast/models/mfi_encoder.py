@@ -57,8 +57,8 @@ class SubjectTokens:
     textual_cls: torch.Tensor  # [B, L, H]
 
 
-# The largest RMS (over its channels) of what a "capped" TV fusion (every adapter saved before the config field) adds to a
-# visual token after its LayerNorm. It adds ``proj`` of up to ``Nv`` times the visual Q-Former's unnormalised hidden
+# The largest RMS (over its channels) of what a "capped" TV fusion (every adapter saved before the config field)
+# adds to a visual token after its LayerNorm. It adds ``proj`` of up to ``Nv`` times the visual Q-Former's unnormalised hidden
 # states to tokens of RMS ~1, a sum with no bound: with weights of the size training gives it reached 200 to 2e5
 # (issue 29), beyond float16 (max 65 504) at the larger ones. Above this RMS the added part is scaled down to it;
 # below, it is unchanged to the bit. 16 is 3.6x the largest the shipped world adapter adds (4.4). A cap bounds the

@@ -101,21 +101,16 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_patch_autoencoder(basis: str = "pixels") -> PatchAutoencoder:
+def build_patch_autoencoder() -> PatchAutoencoder:
     """The exact patch autoencoder on the same 16 x 16 grid: 64 px RGB images <-> 16 x 16 x 48 latents.
 
     Its statistics are unset (zero mean, unit std) until :meth:`PatchAutoencoder.fit_statistics` sees the scenes.
     """
-    return PatchAutoencoder(patch_size=VAE_FACTOR, in_channels=3, basis=basis)
+    return PatchAutoencoder(patch_size=VAE_FACTOR, in_channels=3)
 
 
-AUTOENCODERS = {
-    "kl": build_vae,
-    "patch": build_patch_autoencoder,
-    "patch_dct": lambda: build_patch_autoencoder("dct"),
-}
-"""The world's autoencoders by name: ``"kl"`` is learned (base v4's), ``"patch"`` and ``"patch_dct"`` exact
-(``customcontrast_world.autoencoder``, in the pixel and the DCT basis)."""
+AUTOENCODERS = {"kl": build_vae, "patch": build_patch_autoencoder}
+"""The world's autoencoders by name: ``"kl"`` is learned (base v4's), ``"patch"`` exact (``world.autoencoder``)."""
 
 
 UNET_CHANNELS = (32, 64, 128)

@@ -11,6 +11,7 @@ The target (issue 29): finite, and within ``max(10 x the base's own drift, 0.02)
 
     python benchmarks/half_precision.py             # the table (about a minute on 2 cores)
     python benchmarks/half_precision.py --trace     # also name the first adapter module whose output is not finite
+    python benchmarks/half_precision.py --tv-fusion-residual capped --no-world --no-ip-adapter  # the fusion before
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusers_customcontrast.models import TV_FUSION_RESIDUALS
 from diffusers_customcontrast.models.adapter import CustomContrastAdapter
 from diffusers_customcontrast.testing.tiny_models import make_subject_image, tiny_sd15_pipeline
 
@@ -130,23 +132,23 @@ def base_drift(make_pipe) -> dict:
     return {label: difference(generate(make_pipe().to(dtype)), reference) for label, dtype in DTYPES.items()}
 
 
-def customcontrast_attach(sigma: float):
+def customcontrast_attach(sigma: float, residual: str = "normalised"):
     def attach(pipe) -> None:
         torch.manual_seed(0)
-        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder)
+        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, tv_fusion_residual=residual)
         perturb(adapter, sigma)
         pipe.load_customcontrast(adapter)
 
     return attach
 
 
-def rounded_attach(sigma: float, dtype: torch.dtype):
+def rounded_attach(sigma: float, dtype: torch.dtype, residual: str = "normalised"):
     """The perturbed adapter with its weights rounded to ``dtype`` and back: float32 arithmetic, half-precision
     weights (how sensitive the function itself is to the rounding ``pipe.to(dtype)`` makes)."""
 
     def attach(pipe) -> None:
         torch.manual_seed(0)
-        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder)
+        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, tv_fusion_residual=residual)
         perturb(adapter, sigma)
         adapter.to(dtype).to(torch.float32)
         pipe.load_customcontrast(adapter)
@@ -154,15 +156,15 @@ def rounded_attach(sigma: float, dtype: torch.dtype):
     return attach
 
 
-def weight_rounding(sigma: float) -> dict:
+def weight_rounding(sigma: float, residual: str) -> dict:
     subject = {"ip_adapter_image": make_subject_image(0)}
     pipe = tiny_sd15_pipeline()
-    customcontrast_attach(sigma)(pipe)
+    customcontrast_attach(sigma, residual)(pipe)
     reference = generate(pipe, **subject)
     out = {}
     for label, dtype in DTYPES.items():
         pipe = tiny_sd15_pipeline()
-        rounded_attach(sigma, dtype)(pipe)
+        rounded_attach(sigma, dtype, residual)(pipe)
         out[label] = difference(generate(pipe, **subject), reference)
     return out
 
@@ -226,8 +228,14 @@ def main() -> None:
         "--max-fusion-rms",
         type=float,
         default=None,
-        help="another bound on what the TV fusion adds (models/mfi_encoder.py's MAX_FUSION_RMS), to see what a config "
-        "field set to it would give",
+        help="another bound on what a 'capped' TV fusion adds (models/mfi_encoder.py's MAX_FUSION_RMS), to see what "
+        "a config field set to it would give",
+    )
+    parser.add_argument(
+        "--tv-fusion-residual",
+        choices=TV_FUSION_RESIDUALS,
+        default="normalised",
+        help="the perturbed adapters' fusion ('capped': the form of adapters saved before the config field)",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -241,16 +249,23 @@ def main() -> None:
     print(f"base pipeline: fp16 {base['fp16']:.4f}, bf16 {base['bf16']:.4f}; target <= {target}")
     rows = []
     for sigma in args.sigmas:
-        row = {"sigma": sigma, "customcontrast": measure(tiny_sd15_pipeline, customcontrast_attach(sigma), args.trace)}
+        attach = customcontrast_attach(sigma, args.tv_fusion_residual)
+        row = {"sigma": sigma, "customcontrast": measure(tiny_sd15_pipeline, attach, args.trace)}
         if not args.no_ip_adapter:
             row["ip_adapter_plus"] = measure(tiny_sd15_pipeline, ip_adapter_attach(sigma), args.trace)
         if args.weight_rounding:
-            row["customcontrast_fp32_weights_rounded"] = weight_rounding(sigma)
+            row["customcontrast_fp32_weights_rounded"] = weight_rounding(sigma, args.tv_fusion_residual)
         rows.append(row)
         print(json.dumps(row))
     from diffusers_customcontrast.models import mfi_encoder
 
-    payload = {"max_fusion_rms": mfi_encoder.cap_rms.__defaults__[0], "base": base, "target": target, "rows": rows}
+    payload = {
+        "tv_fusion_residual": args.tv_fusion_residual,
+        "max_fusion_rms": mfi_encoder.cap_rms.__defaults__[0],
+        "base": base,
+        "target": target,
+        "rows": rows,
+    }
     if not args.no_world:
         world = world_rows(args.trace)
         world.pop("fp32_output")

@@ -313,7 +313,8 @@ def test_training_calls_the_adapter_once_per_unet_call(loaded):
         computed = loaded.unet(sample, timesteps, context, added_cond_kwargs={"image_embeds": [features[:, None]]})
     handle.remove()
     assert len(calls) == 2
-    torch.testing.assert_close(given.detach(), computed.sample, rtol=1e-6, atol=1e-6)
+    # The same tokens, computed in another batch layout: equal up to float32 rounding.
+    torch.testing.assert_close(given.detach(), computed.sample, rtol=1e-5, atol=1e-5)
 
 
 def test_an_image_context_computed_once_serves_every_step(loaded):

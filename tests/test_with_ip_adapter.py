@@ -86,7 +86,9 @@ def test_each_scale_setter_sets_its_own_adapter(references):
     np.testing.assert_array_equal(generate(pipe, ip_adapter_image=[STYLE, SUBJECT]), references["ip"])
     assert all(p.scale == [1.0] for p in injection.attached(pipe.unet).processors.values())
     pipe.set_customcontrast_scale(1.0, start=0.5, end=1.0)  # outside its steps CustomContrast leaves the IP-Adapter's
-    assert np.abs(generate(pipe, ip_adapter_image=[STYLE, SUBJECT]) - references["ip"]).max() > 1e-3
+    # Inside them it acts: the generations are deterministic (equal to the bit above), so any difference is its own;
+    # a fresh adapter's LayerNorm-ed visual tokens move this tiny pipeline's images by ~7e-4 in half the steps.
+    assert np.abs(generate(pipe, ip_adapter_image=[STYLE, SUBJECT]) - references["ip"]).max() > 1e-4
 
 
 @pytest.mark.parametrize("order", ["ip-cc", "cc-ip"])

@@ -163,7 +163,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenes_per_subject", type=int, default=4, help="prompted scenes per subject (last: sketch)")
     parser.add_argument("--num_inference_steps", type=int, default=10, help="DDIM steps per image")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the training and the generations")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on shared cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (2: the quickstart machine's cores; 1 on cores other work shares)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny world and a few steps (checks the plumbing)")
     args = parser.parse_args(argv)
     if args.pretrained is not None and not (Path(args.pretrained) / "config.json").is_file():

@@ -188,7 +188,9 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
             s_plus_bias = torch.log(gate).repeat_interleave(num_tokens, dim=-1)[:, None]
         if use_visual:
             value = self._split_subject_heads(self.to_v_ip[0](visual_tokens.to(query.dtype)), attn.heads)
-            weights = region * torch.tensor(scales, dtype=region.dtype, device=region.device)  # lambda g, [B, N, n]
+            # lambda g, [B, N, n]; one scale for every subject (the usual case) multiplies without a host -> device copy
+            same = all(s == scales[0] for s in scales)
+            weights = region * (scales[0] if same else torch.tensor(scales, dtype=region.dtype, device=region.device))
             # Gating the probabilities is gating each subject's output (the product is linear), in one product for
             # all subjects and without a pass over the [B, N, C] output per subject.
             probs = logits.softmax(dim=-1) * weights[:, None, :, :, None]

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["RunCheckpoints", "TrainingInterrupted", "run_steps"]
+__all__ = ["RunCheckpoints", "TrainingInterrupted", "run_steps", "torch_threads"]
 
 
 class Stateful(Protocol):
@@ -171,3 +171,14 @@ def _write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, then give back the count it had."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

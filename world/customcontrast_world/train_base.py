@@ -73,7 +73,7 @@ from .base_model import (
     build_unet,
 )
 from .dataset import RenderedFrame, WorldSpec
-from .resumable import RunCheckpoints, run_steps
+from .resumable import RunCheckpoints, run_steps, torch_threads
 
 STAGES: tuple[str, ...] = ("vae", "image_encoder", "unet")
 
@@ -643,12 +643,8 @@ def train_base(config: TrainBaseConfig, log: Callable[[str], None] = print) -> S
     unknown = set(config.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"expected stages among {STAGES}, got {sorted(unknown)}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train_and_save(config, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> StableDiffusionPipeline:

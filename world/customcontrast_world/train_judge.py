@@ -36,7 +36,7 @@ from diffusers_customcontrast.data.synthetic import COLORS, SHAPES, TEXTURES, sk
 
 from .dataset import WorldSpec, write_world
 from .judge import WorldJudge, grey
-from .resumable import RunCheckpoints, run_steps
+from .resumable import RunCheckpoints, run_steps, torch_threads
 from .train_base import (
     TrainingFrames,
     _cosine_schedule,
@@ -126,12 +126,8 @@ def _hard_batch(groups: list[list[int]], batch_size: int, generator: torch.Gener
 
 def train_judge(config: TrainJudgeConfig, log: Callable[[str], None] = print) -> WorldJudge:
     """Train a judge on the train subjects of the world of ``config.seed``; save it with ``train_log.json``."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train_and_save(config, log)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train_and_save(config: TrainJudgeConfig, log: Callable[[str], None]) -> WorldJudge:

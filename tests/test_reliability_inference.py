@@ -493,7 +493,7 @@ def test_masks(loaded_pipe):
         assert np.isfinite(run(torch.ones(1, 1, 50, 30))).all()
 
 
-def test_normalisation_follows_from_pipe_and_unload_restores_it(tmp_path):
+def test_normalisation_leaves_the_feature_extractor_alone_and_unload_restores_it(tmp_path):
     pipe = tiny_sd15_pipeline()
     extractor, encoder = pipe.feature_extractor, pipe.image_encoder
     original_class, original_state = type(extractor), copy.deepcopy(extractor.__dict__)
@@ -501,18 +501,21 @@ def test_normalisation_follows_from_pipe_and_unload_restores_it(tmp_path):
     sixteen_bit, expected = EQUIVALENT_INPUTS["I;16 (16-bit)"]
 
     pipe.load_customcontrast(tiny_adapter(pipe))
-    variant = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    assert variant.feature_extractor is extractor
-    torch.testing.assert_close(embeds(variant, sixteen_bit), embeds(variant, expected), rtol=0, atol=0)
-    # While loaded it still saves, copies and pickles as the plain processor.
+    torch.testing.assert_close(embeds(pipe, sixteen_bit), embeds(pipe, expected), rtol=0, atol=0)
+    torch.testing.assert_close(clip_embeds(pipe, sixteen_bit), clip_embeds(pipe, expected), rtol=0, atol=0)
+    # The loading pipeline normalises in its own encode_image: the shared processor is exactly as it was, so it
+    # saves, copies and pickles as before.
+    assert type(extractor) is original_class and extractor.__dict__ == original_state
     extractor.save_pretrained(tmp_path / "during")
     config = "preprocessor_config.json"
     assert (tmp_path / "during" / config).read_text() == (tmp_path / "before" / config).read_text()
     assert type(pickle.loads(pickle.dumps(extractor))) is original_class
-    assert type(copy.deepcopy(extractor)) is original_class
+    # A from_pipe variant shares the UNet (the subject applies) with diffusers' own encode_image.
+    variant = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    assert variant.feature_extractor is extractor and "encode_image" not in vars(variant)
 
     variant.unload_customcontrast()  # from either pipeline: the state lives on the shared UNet
-    assert type(extractor) is original_class and extractor.__dict__ == original_state
+    assert "encode_image" not in vars(pipe) and type(extractor) is original_class
     assert not encoder._forward_pre_hooks and not pipe.unet._forward_pre_hooks
     assert not torch.equal(clip_embeds(pipe, sixteen_bit), clip_embeds(pipe, expected))  # CLIP's own behaviour is back
 
@@ -588,13 +591,12 @@ def test_loading_again_right_after_unload_ip_adapter(references):
 
 def test_unload_ip_adapter_unloads_customcontrast_fully(references):
     pipe, subject = _loaded()
-    extractor_class = type(pipe.feature_extractor)._original_class  # under the normalising subclass
     encoder = pipe.image_encoder
     pipe.unload_ip_adapter()  # diffusers: default processors, no projection, no image encoder
     with pytest.warns(UserWarning, match="taken off the UNet by another call.*fully unloaded"):
         np.testing.assert_array_equal(generate(pipe), references["base"])
     assert dcc.loaders.injection.attached(pipe.unet) is None and not pipe.unet._forward_pre_hooks
-    assert type(pipe.feature_extractor) is extractor_class and not encoder._forward_pre_hooks
+    assert "encode_image" not in vars(pipe) and not encoder._forward_pre_hooks
     with pytest.raises(ValueError, match="No CustomContrast adapter is loaded"):
         pipe.set_customcontrast_scale(0.5)
     assert pipe.unload_customcontrast() is None

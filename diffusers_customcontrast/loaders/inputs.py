@@ -8,22 +8,22 @@ becomes white; float arrays in [0, 1] are taken as [0, 255] and come out black; 
 is ignored; a 1 x 4000 image is upscaled to 224 x 896000 pixels (17 s, 2 GB) before the crop keeps 224 x 224 of
 it; an empty list fails deep inside; a tensor of the wrong shape gives "not enough values to unpack".
 
-While an adapter is loaded, :func:`install` makes the pipeline's feature extractor turn every subject image into a
-plain RGB ``PIL.Image`` first (:func:`to_rgb`) and the image encoder refuse tensors that are not pixel values.
+While an adapter is loaded, the loading pipeline's ``encode_image`` turns every subject image into a plain RGB
+``PIL.Image`` first (:func:`normalising_encode_image`, :func:`to_rgb`), and the image encoder refuses tensors that
+are not pixel values (:func:`check_pixel_values`, a forward pre-hook).
 
-Where it hooks, and why there. Only the feature extractor sees the raw images, and it is one object shared by the
-pipeline and every pipeline made from it with ``from_pipe`` (as the UNet is, where the adapter lives). So the hook
-goes on that object, not on the pipeline: it swaps the instance's class for a subclass with the same name and
-module whose ``preprocess`` normalises first (the technique of ``torch.nn.utils.parametrize``), and swaps it back
-on unload. The alternatives fail: a wrapper object registered as the component is copied into ``from_pipe``
-pipelines and stays there after unload, and lands in ``save_pretrained``'s ``model_index.json``; a patched
-``pipe.encode_image`` is lost by ``from_pipe``; patching the pipeline classes changes every pipeline in the
-process, loaded or not. The same-named subclass keeps ``to_dict``, ``save_pretrained`` and ``from_pipe``'s
-component checks as they were; copies and pickles of it are plain processors of the original class.
+Where it hooks, and why there. Only ``encode_image`` and the feature extractor see the raw images, and diffusers
+offers no extension point on either. The feature extractor is not touched: anything set on it lands in its
+``__dict__``, which ``to_dict`` serialises (``save_pretrained`` would fail while loaded), and changing its class
+would change what every holder of it sees. So the loading pipeline gets its own ``encode_image`` (an instance
+attribute shadowing the class's method, removed at unload), as it gets its own ``load_ip_adapter``. A pipeline made
+with ``from_pipe`` after loading shares the UNet, so the subject applies there too, but it has diffusers' own
+``encode_image``: give it raw images that CLIP reads right (8-bit RGB), or call its ``load_customcontrast``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["install", "normalise_subject_images", "to_rgb"]
+__all__ = ["check_pixel_values", "normalise_subject_images", "normalising_encode_image", "to_rgb"]
 
 # Center-cropping processors keep only the middle square of an image; a longer image is cropped to this aspect
 # ratio before them, so that they never upscale a 1 x 4000 strip to 224 x 896000 pixels (our choice of bound).
@@ -169,33 +169,20 @@ def normalise_subject_images(images: Any, processor: Any = None) -> Any:
     return to_rgb(images, processor)
 
 
-class _NormalisingProcessor:
-    """Put in front of a feature extractor's class while an adapter is loaded (see :func:`install`)."""
+def normalising_encode_image(encode_image: Callable) -> Callable:
+    """A pipeline's ``encode_image`` that passes raw subject images through :func:`normalise_subject_images` first;
+    tensors (CLIP pixel values) go through unchanged, as diffusers hands them to the image encoder."""
 
-    _original_class: type
+    @functools.wraps(encode_image)
+    def wrapper(self, image, *args, **kwargs):
+        if not isinstance(image, torch.Tensor):
+            image = normalise_subject_images(image, getattr(self, "feature_extractor", None))
+        return encode_image(self, image, *args, **kwargs)
 
-    def preprocess(self, images, *args, **kwargs):
-        return super().preprocess(normalise_subject_images(images, self), *args, **kwargs)
-
-    def __reduce_ex__(self, protocol):
-        # Copies and pickles are plain processors of the original class (pickle could not find this one by name).
-        return object.__new__, (self._original_class,), self.__getstate__()
-
-
-_NORMALISING_CLASSES: dict[type, type] = {}
+    return wrapper
 
 
-def _normalising_class(cls: type) -> type:
-    if cls not in _NORMALISING_CLASSES:
-        _NORMALISING_CLASSES[cls] = type(
-            cls.__name__,
-            (_NormalisingProcessor, cls),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_original_class": cls},
-        )
-    return _NORMALISING_CLASSES[cls]
-
-
-def _check_pixel_values(image_encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+def check_pixel_values(image_encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Image encoder forward pre-hook: a tensor ``ip_adapter_image`` must be pixel values of the encoder's size."""
     pixel_values = args[0] if args else kwargs.get("pixel_values")
     if not isinstance(pixel_values, torch.Tensor):
@@ -222,38 +209,3 @@ def _check_pixel_values(image_encoder: torch.nn.Module, args: tuple, kwargs: dic
             UserWarning,
             stacklevel=2,
         )
-
-
-def install(feature_extractor: Any, image_encoder: torch.nn.Module | None) -> Callable[[], None]:
-    """Normalise subject images in ``feature_extractor`` and check tensors in ``image_encoder``; returns the undo.
-
-    Either may be ``None`` (nothing to do for it). A feature extractor without ``preprocess`` (not a transformers
-    image processor) is left alone.
-    """
-    undo: list[Callable[[], None]] = []
-    cls = type(feature_extractor)
-    preprocess = getattr(feature_extractor, "preprocess", None)
-    if feature_extractor is not None and callable(preprocess) and not issubclass(cls, _NormalisingProcessor):
-        try:
-            feature_extractor.__class__ = _normalising_class(cls)
-        except TypeError:  # a class whose instances cannot change class (e.g. __slots__): leave it as it is
-            warnings.warn(
-                f"Subject images will not be normalised: the feature extractor ({cls.__name__}) does not allow it.",
-                UserWarning,
-                stacklevel=3,
-            )
-        else:
-
-            def restore_class() -> None:
-                if type(feature_extractor) is _NORMALISING_CLASSES.get(cls):
-                    feature_extractor.__class__ = cls
-
-            undo.append(restore_class)
-    if image_encoder is not None:
-        undo.append(image_encoder.register_forward_pre_hook(_check_pixel_values, with_kwargs=True).remove)
-
-    def uninstall() -> None:
-        for step in reversed(undo):
-            step()
-
-    return uninstall

@@ -99,8 +99,8 @@ def load_customcontrast(
         AdapterLoadError: a file is missing, corrupt or unsafe (an ``OSError`` and a ``ValueError``).
 
     Everything is checked before the pipeline is changed: when loading fails, the pipeline (and an adapter loaded
-    before) is left exactly as it was. While the adapter is loaded, subject images are normalised before the
-    pipeline's feature extractor sees them (see :mod:`diffusers_customcontrast.loaders.inputs`), and an adapter
+    before) is left exactly as it was. While the adapter is loaded, this pipeline normalises subject images before
+    its feature extractor sees them (see :mod:`diffusers_customcontrast.loaders.inputs`), and an adapter
     trained on other image encoder hidden states than the penultimate is fed those.
     """
     _check_pipeline(pipe)
@@ -130,9 +130,10 @@ def load_customcontrast(
     torch.nn.Module.to(adapter, device=_weights_device(pipe), dtype=dtype)
     state = injection.attach(unet, adapter, scale=scale)
     state.num_train_timesteps = _num_train_timesteps(pipe)
-    state.cleanups.append(_keep_beside_ip_adapters(pipe))
+    state.cleanups.append(_install_instance_methods(pipe))
     encoder = getattr(pipe, "image_encoder", None)
-    state.cleanups.append(inputs.install(getattr(pipe, "feature_extractor", None), encoder))
+    if encoder is not None:
+        state.cleanups.append(encoder.register_forward_pre_hook(inputs.check_pixel_values, with_kwargs=True).remove)
     feature_layers = adapter.adapter_config.image_feature_layers
     if encoder is not None and feature_layers not in (None, (-2,)):  # None: it reads the pooled image_embeds
         state.cleanups.append(_feed_feature_layers(encoder, feature_layers))
@@ -334,23 +335,28 @@ def _beside_ip_adapters(method: Callable) -> Callable:
     return wrapper
 
 
-_IP_ADAPTER_METHODS = ("load_ip_adapter", "unload_ip_adapter")
+_INSTANCE_METHODS: dict[str, Callable[[Callable], Callable]] = {
+    "load_ip_adapter": _beside_ip_adapters,
+    "unload_ip_adapter": _beside_ip_adapters,
+    "encode_image": inputs.normalising_encode_image,
+}
+"""The pipeline methods a load shadows on the loading pipeline, and how each is wrapped."""
 
 
-def _keep_beside_ip_adapters(pipe: DiffusionPipeline) -> Callable[[], None]:
-    """Give ``pipe`` its own ``load_ip_adapter`` / ``unload_ip_adapter`` that keep CustomContrast loaded; returns the
-    undo.
+def _install_instance_methods(pipe: DiffusionPipeline) -> Callable[[], None]:
+    """Give ``pipe`` its own ``load_ip_adapter`` / ``unload_ip_adapter`` that keep CustomContrast loaded, and its own
+    ``encode_image`` that normalises subject images; returns the undo.
 
-    Why per instance: diffusers has no extension point around these two methods (they replace every processor and
-    ``encoder_hid_proj``), and changing the class would change every pipeline in the process, loaded or not. The
-    instance attributes shadow the class's methods until unload; a pipeline made with ``from_pipe`` has diffusers'
-    own methods.
+    Why per instance: diffusers has no extension point around these methods (the first two replace every processor
+    and ``encoder_hid_proj``; the third is the only one that sees raw subject images), and changing a class would
+    change every pipeline in the process, loaded or not. The instance attributes shadow the class's methods until
+    unload; a pipeline made with ``from_pipe`` has diffusers' own methods.
     """
-    for name in _IP_ADAPTER_METHODS:
-        setattr(pipe, name, types.MethodType(_beside_ip_adapters(getattr(type(pipe), name)), pipe))
+    for name, wrap in _INSTANCE_METHODS.items():
+        setattr(pipe, name, types.MethodType(wrap(getattr(type(pipe), name)), pipe))
 
     def undo() -> None:
-        for name in _IP_ADAPTER_METHODS:
+        for name in _INSTANCE_METHODS:
             pipe.__dict__.pop(name, None)
 
     return undo

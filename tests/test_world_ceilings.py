@@ -50,6 +50,29 @@ def test_patch_autoencoder_round_trips_exactly_and_scales_like_a_vae():
         autoencoder.encode(torch.zeros(1, 3, 30, 30))
 
 
+def test_projected_patch_autoencoder_keeps_the_leading_principal_components():
+    # Patches that vary along two pixel directions only (plus a little noise): two components hold them.
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(2, 48, generator=generator)
+    weights = torch.randn(64 * 16 * 16, 2, generator=generator)
+    patches = weights @ directions + 0.01 * torch.randn(64 * 16 * 16, 48, generator=generator)
+    images = torch.nn.functional.pixel_shuffle(patches.view(64, 16, 16, 48).permute(0, 3, 1, 2), 4)
+    autoencoder = PatchAutoencoder(patch_size=4, latent_channels=2).fit_statistics(images)
+    assert torch.allclose(autoencoder.basis @ autoencoder.basis.T, torch.eye(2), atol=1e-5)
+    latents = autoencoder.encode(images).latent_dist.mode()
+    assert latents.shape == (64, 2, 16, 16)
+    assert torch.allclose(latents.transpose(0, 1).flatten(1).std(dim=1), torch.ones(2), atol=1e-3)
+    # Decoding is the orthogonal projection onto those components: what they do not hold is the noise.
+    assert (autoencoder(images).sample - images).abs().mean() < 0.02
+    # A decoder correction starts at zero: the linear inverse until it is trained.
+    corrected = PatchAutoencoder(patch_size=4, latent_channels=2, decoder_channels=8, decoder_layers=1)
+    corrected.load_state_dict(autoencoder.state_dict(), strict=False)
+    assert not corrected.exact and PatchAutoencoder(patch_size=4).exact
+    assert torch.equal(corrected.decode(latents).sample, autoencoder.decode(latents).sample)
+    with pytest.raises(ValueError, match="expected latent_channels in 1..48"):
+        PatchAutoencoder(patch_size=4, latent_channels=49)
+
+
 def test_a_pipeline_with_the_patch_autoencoder_saves_and_loads_offline(tmp_path: Path, caplog):
     base = load_synthetic_base()
     autoencoder = PatchAutoencoder(patch_size=4).fit_statistics(torch.rand(4, 3, 64, 64) * 2 - 1)
@@ -81,6 +104,11 @@ def test_patch_autoencoder_reconstructions_are_judged_as_the_real_renders(world)
         assert np.array_equal(getattr(real, field), getattr(rebuilt, field)), field
     # A lossy autoencoder is read differently: the ceiling measures the loss (here, every image blurred flat).
     blurred = autoencoder_reconstructions(_Blur(), renders)
+    # Latent noise: drawn from the seed, and on exact latents every bit of it reaches the pixels.
+    noisy = autoencoder_reconstructions(autoencoder, renders, latent_noise=0.4, seed=1)
+    again = autoencoder_reconstructions(autoencoder, renders, latent_noise=0.4, seed=1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(noisy, again))
+    assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(noisy, renders))
     assert judge_world_images(blurred, prompts, judge, gallery, world).shape.mean() < real.shape.mean()
     per_class = shape_accuracy_per_class([real], world)
     assert set(per_class) <= set(SHAPES) and all(0.0 <= v <= 1.0 for v in per_class.values())
@@ -99,6 +127,7 @@ def test_ceilings_only_benchmark_scores_every_stage_and_the_adapter(tmp_path: Pa
         ["--smoke", "--ceilings_only", "--output_dir", str(tmp_path), "--adapter", str(WORLD_ADAPTER_DIR)]
     )
     assert list(results["ceilings"]) == list(CEILING_STAGES) and results["runs"] == {}
+    assert list(results["autoencoder_latent_noise"]) == ["0.2", "0.4"]
     metrics = {"identity_acc", "shape_acc", "colour_acc", "texture_acc", "controllability", "similarity"}
     for entry in (*results["ceilings"].values(), results["adapter"]):
         assert metrics <= set(entry)
@@ -107,6 +136,7 @@ def test_ceilings_only_benchmark_scores_every_stage_and_the_adapter(tmp_path: Pa
     assert results["base_model"] == results["ceilings"]["base_model"]
     report = (tmp_path / "results.md").read_text()
     assert "| autoencoder reconstructions |" in report and "| shape accuracy | circle |" in report
+    assert "| autoencoder reconstructions, latent noise 0.4 |" in report
     assert (tmp_path / "samples.png").is_file() and not (tmp_path / "tradeoff.png").exists()
 
 
@@ -128,8 +158,21 @@ def test_train_base_smoke_on_the_patch_autoencoder_with_mixed_precision(tmp_path
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
+def test_train_base_smoke_trains_the_projected_autoencoder_decoder(tmp_path: Path):
+    config = parse_args(["--output_dir", str(tmp_path), "--smoke", "--autoencoder", "projected"])
+    train_base(config, log=lambda message: None)
+    pipe = load_synthetic_base(path=tmp_path)
+    assert isinstance(pipe.vae, PatchAutoencoder) and pipe.vae.config.latent_channels == 12
+    assert pipe.unet.config.in_channels == 12 and pipe.vae.decoder is not None
+    assert pipe.vae.decoder[-1].weight.abs().sum() > 0  # trained away from the linear inverse
+    image = pipe("a star on grass", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
 def test_train_base_refuses_unknown_choices_in_one_sentence():
-    with pytest.raises(ValueError, match="expected --autoencoder to be one of \\['kl', 'patch'\\], got 'vq'"):
+    with pytest.raises(
+        ValueError, match="expected --autoencoder to be one of \\['kl', 'patch', 'projected'\\], got 'vq'"
+    ):
         TrainBaseConfig(output_dir="x", autoencoder="vq")
     with pytest.raises(ValueError, match="expected --mixed_precision to be one of"):
         TrainBaseConfig(output_dir="x", mixed_precision="fp8")

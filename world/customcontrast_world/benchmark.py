@@ -23,8 +23,11 @@ reconstructions of them, the base model from text (colours named, and not), each
 
     python -m customcontrast_world.benchmark --output_dir runs/ceilings --ceilings_only --adapter <folder>
 
-Written to ``output_dir``: ``results.json`` (``{"seeds", "ceilings", "runs", "base_model", "real_renders",
-"sweeps", ...}``),
+Beside them, ``"autoencoder_latent_noise"`` scores the autoencoder's decodes of latents with noise added
+(``--latent_noise``): how much of a UNet's leftover error its decoder absorbs.
+
+Written to ``output_dir``: ``results.json`` (``{"seeds", "ceilings", "autoencoder_latent_noise", "runs",
+"base_model", "real_renders", "sweeps", ...}``),
 ``results.md`` (the tables), ``tradeoff.png``, ``loss_curves.png``, ``samples.png`` and ``runs/<name>/seed_<s>/``
 (each adapter and its generated images). Trainings and generations run in ``--workers`` processes; adapters and
 images are reused when a rerun would make them the same way, so an interrupted benchmark continues where it stopped
@@ -130,6 +133,9 @@ class BenchmarkSettings:
     """The base pipeline folder every run trains and generates on (default: the shipped synthetic base)."""
     adapter: Path | None = None
     """An adapter folder scored beside the runs, without training (``"adapter"`` in ``results.json``)."""
+    latent_noise: tuple[float, ...] = (0.2, 0.4)
+    """Stds of the noise added to the autoencoder's latents before decoding, each scored as
+    ``"autoencoder_latent_noise"`` in ``results.json``: how much of a UNet's error its decoder absorbs."""
 
     @classmethod
     def smoke(cls, output_dir: Path) -> BenchmarkSettings:
@@ -214,10 +220,18 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
             [judged(None, seed, 0.0, name_colors=True) for seed in settings.seeds], world
         ),
     }
+    tolerance = {
+        f"{std:g}": stage_figures(
+            judged_images({s: autoencoder_reconstructions(pipe.vae, renders[s], std, seed=s) for s in settings.seeds}),
+            world,
+        )
+        for std in settings.latent_noise
+    }
     results: dict[str, Any] = {
         "seeds": len(settings.seeds),
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
         "ceilings": ceilings,
+        "autoencoder_latent_noise": tolerance,
         **{stage: ceilings[stage] for stage in ("base_model", "base_model_colours_named", "real_renders")},
         "runs": {},
         "sweeps": {},
@@ -479,6 +493,7 @@ def _write_report(
         (BASE_MODEL, ceilings["base_model"]),
         *results["runs"].items(),
         *([(ADAPTER, results["adapter"])] if "adapter" in results else []),
+        *[(f"{AUTOENCODER}, latent noise {std}", entry) for std, entry in results["autoencoder_latent_noise"].items()],
         (AUTOENCODER, ceilings["autoencoder"]),
         (REAL_RENDERS, ceilings["real_renders"]),
     ]
@@ -556,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--base_model", default=None, help="base pipeline folder (default: the shipped base)")
     parser.add_argument("--adapter", default=None, help="an adapter folder to score beside the runs, untrained")
+    parser.add_argument(
+        "--latent_noise", default=None, help=f"comma-separated latent noise stds (default {defaults.latent_noise})"
+    )
     args = parser.parse_args(argv)
     settings = (
         BenchmarkSettings.smoke(Path(args.output_dir)) if args.smoke else BenchmarkSettings(Path(args.output_dir))
@@ -575,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings.sweep = tuple(v for v in args.sweep.split(",") if v)
     if args.sweep_scales is not None:
         settings.sweep_scales = tuple(float(s) for s in args.sweep_scales.split(","))
+    if args.latent_noise is not None:
+        settings.latent_noise = tuple(float(s) for s in args.latent_noise.split(",") if s)
     torch.set_num_threads(1)
     return run_benchmark(settings)
 

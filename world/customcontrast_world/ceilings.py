@@ -36,11 +36,23 @@ CEILING_STAGES: tuple[str, ...] = ("real_renders", "autoencoder", "base_model", 
 
 
 @torch.no_grad()
-def autoencoder_reconstructions(vae: torch.nn.Module, images: Sequence[Image.Image]) -> list[Image.Image]:
-    """``images`` encoded (the posterior's mode) and decoded by ``vae``, rounded to 8 bits as a pipeline's output is."""
+def autoencoder_reconstructions(
+    vae: torch.nn.Module, images: Sequence[Image.Image], latent_noise: float = 0.0, seed: int = 0
+) -> list[Image.Image]:
+    """``images`` encoded (the posterior's mode) and decoded by ``vae``, rounded to 8 bits as a pipeline's output is.
+
+    With ``latent_noise``, Gaussian noise of that std (drawn from ``seed``) is added to the latents in the units the
+    UNet sees (after ``scaling_factor``) before decoding: how much of the error a UNet leaves in its latents the
+    decoder turns back into a clean scene (a decoder that absorbs none passes every error on as pixel noise).
+    """
     pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
     pixels = pixels.permute(0, 3, 1, 2).to(vae.dtype).div(127.5).sub(1.0)
-    decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    scaling = vae.config.scaling_factor
+    latents = vae.encode(pixels).latent_dist.mode() * scaling
+    if latent_noise:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        latents = latents + latent_noise * noise.to(latents)
+    decoded = vae.decode(latents / scaling).sample
     values = decoded.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return [Image.fromarray(v.permute(1, 2, 0).numpy()) for v in values]
 

@@ -9,8 +9,9 @@ Stages (each one seeded, so a run with the same arguments and thread count gives
 
 1. **Autoencoder**, by ``--autoencoder``: ``kl``, an ``AutoencoderKL`` (64 px <-> 16 x 16 x 8) trained with L1
    reconstruction + a small KL term on the world's scenes, its ``scaling_factor`` then set to 1 / std of the
-   training latents as SD does; or ``patch``, the exact :class:`~.autoencoder.PatchAutoencoder` (16 x 16 x 48),
-   which needs no training, only the per-channel mean and std of the scenes.
+   training latents as SD does; ``patch``, the exact :class:`~.autoencoder.PatchAutoencoder` (16 x 16 x 48),
+   which needs no training, only the per-channel mean and std of the scenes; or ``projected``, the patches'
+   12 principal components (16 x 16 x 12) with a learned decoder correction trained (L1) on noisy latents.
 2. **Image encoder** (a tiny ``CLIPVisionModelWithProjection``): subjects segmented on white (the references the
    adapter sees), InfoNCE between two views of the same subject plus classification of the subject's shape,
    texture and colours, so that its features carry subject identity. Sketch frames are left out (no colour).
@@ -103,6 +104,11 @@ class TrainBaseConfig:
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
+    decoder_batch_size: int = 32
+    decoder_lr: float = 1e-3
+    decoder_noise: float = 0.5
+    """The projected autoencoder's decoder trains on latents plus noise of a std drawn in ``[0, decoder_noise)``
+    (``vae_steps`` steps): the errors a UNet leaves, which it learns to map onto the clean scene."""
     image_encoder_steps: int = 600
     image_encoder_batch_size: int = 64
     image_encoder_lr: float = 1e-3
@@ -254,13 +260,47 @@ def make_autoencoder(
     checkpoints: RunCheckpoints,
     log: Callable[[str], None] = print,
 ) -> AutoencoderKL | PatchAutoencoder:
-    """The autoencoder stage: :func:`train_vae`, or the patch autoencoder fitted to the scenes' statistics."""
+    """The autoencoder stage: :func:`train_vae`, or a patch autoencoder fitted to the scenes' statistics (and, with
+    a learned decoder, :func:`train_patch_decoder`)."""
     if config.autoencoder == "kl":
         return train_vae(frames, config, record, checkpoints, log)
     began, cpu = time.perf_counter(), time.process_time()
-    autoencoder = AUTOENCODERS[config.autoencoder]().fit_statistics(_to_unit_range(frames.images))
+    with _seeded(config.seed):
+        autoencoder = AUTOENCODERS[config.autoencoder]().fit_statistics(_to_unit_range(frames.images))
+    if autoencoder.decoder is not None:
+        return train_patch_decoder(autoencoder, frames, config, record, checkpoints, log)
     seconds = {"wall": time.perf_counter() - began, "cpu": time.process_time() - cpu}
     record.add_stage("vae", {}, seconds)
+    return autoencoder.eval().requires_grad_(False)
+
+
+def train_patch_decoder(
+    autoencoder: PatchAutoencoder,
+    frames: TrainingFrames,
+    config: TrainBaseConfig,
+    record: TrainingRecord,
+    checkpoints: RunCheckpoints,
+    log: Callable[[str], None] = print,
+) -> PatchAutoencoder:
+    """Train the fitted ``autoencoder``'s decoder correction (L1) to give back each scene from its latents plus
+    noise of a random std below ``config.decoder_noise``; the projection stays fixed."""
+    generator = torch.Generator().manual_seed(config.seed)
+    decoder = autoencoder.decoder.train()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.decoder_lr, weight_decay=0.0)
+    schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=min(150, config.vae_steps // 10))
+
+    def step(index: int) -> dict[str, float]:
+        batch = _to_unit_range(frames.images[_batch_indices(len(frames.images), config.decoder_batch_size, generator)])
+        with torch.no_grad():
+            latents = autoencoder.encode(batch).latent_dist.mode()
+        noise = torch.randn(latents.shape, generator=generator)
+        std = torch.rand(len(latents), 1, 1, 1, generator=generator) * config.decoder_noise
+        l1 = (autoencoder.decode(latents + std * noise).sample - batch).abs().mean()
+        _step(optimizer, schedule, l1, decoder.parameters())
+        return {"l1": l1.item()}
+
+    state = {"decoder": decoder, "optimizer": optimizer, "schedule": schedule}
+    record.add_stage("vae", *_run(checkpoints, "vae", config.vae_steps, step, state, generator, config, log))
     return autoencoder.eval().requires_grad_(False)
 
 

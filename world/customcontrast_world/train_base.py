@@ -104,11 +104,14 @@ class TrainBaseConfig:
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
+    decoder_steps: int = 6000
     decoder_batch_size: int = 32
     decoder_lr: float = 1e-3
     decoder_noise: float = 0.5
-    """The projected autoencoder's decoder trains on latents plus noise of a std drawn in ``[0, decoder_noise)``
-    (``vae_steps`` steps): the errors a UNet leaves, which it learns to map onto the clean scene."""
+    """The projected autoencoder's decoder trains on latents plus noise of a std drawn in ``[0, decoder_noise)``: the
+    errors a UNet leaves, which it learns to map onto the clean scene."""
+    decoder_clean: float = 0.3
+    """Share of the decoder's training latents given no noise (so that clean latents decode as exactly as they can)."""
     image_encoder_steps: int = 600
     image_encoder_batch_size: int = 64
     image_encoder_lr: float = 1e-3
@@ -150,6 +153,7 @@ class TrainBaseConfig:
         """A few steps of every stage on a tiny world: checks a command (and its device) in seconds."""
         tiny = dict(
             num_train_subjects=3, num_heldout_subjects=2, frames_per_subject=3, vae_steps=2, vae_batch_size=2,
+            decoder_steps=2, decoder_batch_size=2,
             image_encoder_steps=2, image_encoder_batch_size=2, unet_steps=4, unet_batch_size=2, unet_lr_cycles=1,
             checkpoint_every=2, log_every=1,
         )  # fmt: skip
@@ -287,7 +291,7 @@ def train_patch_decoder(
     generator = torch.Generator().manual_seed(config.seed)
     decoder = autoencoder.decoder.train()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.decoder_lr, weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=min(150, config.vae_steps // 10))
+    schedule = _cosine_schedule(optimizer, config.decoder_steps, warmup=min(150, config.decoder_steps // 10))
 
     def step(index: int) -> dict[str, float]:
         batch = _to_unit_range(frames.images[_batch_indices(len(frames.images), config.decoder_batch_size, generator)])
@@ -295,12 +299,13 @@ def train_patch_decoder(
             latents = autoencoder.encode(batch).latent_dist.mode()
         noise = torch.randn(latents.shape, generator=generator)
         std = torch.rand(len(latents), 1, 1, 1, generator=generator) * config.decoder_noise
+        std = std * (torch.rand(std.shape, generator=generator) >= config.decoder_clean)
         l1 = (autoencoder.decode(latents + std * noise).sample - batch).abs().mean()
         _step(optimizer, schedule, l1, decoder.parameters())
         return {"l1": l1.item()}
 
     state = {"decoder": decoder, "optimizer": optimizer, "schedule": schedule}
-    record.add_stage("vae", *_run(checkpoints, "vae", config.vae_steps, step, state, generator, config, log))
+    record.add_stage("vae", *_run(checkpoints, "vae", config.decoder_steps, step, state, generator, config, log))
     return autoencoder.eval().requires_grad_(False)
 
 

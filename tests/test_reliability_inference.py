@@ -513,6 +513,10 @@ def test_normalisation_leaves_the_feature_extractor_alone_and_unload_restores_it
     # A from_pipe variant shares the UNet (the subject applies) with diffusers' own encode_image.
     variant = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     assert variant.feature_extractor is extractor and "encode_image" not in vars(variant)
+    # Loading on the variant moves the per-pipeline methods to it.
+    variant.load_customcontrast(tiny_adapter(pipe))
+    assert "encode_image" in vars(variant) and "encode_image" not in vars(pipe)
+    torch.testing.assert_close(embeds(variant, sixteen_bit), embeds(variant, expected), rtol=0, atol=0)
 
     variant.unload_customcontrast()  # from either pipeline: the state lives on the shared UNet
     assert "encode_image" not in vars(pipe) and type(extractor) is original_class

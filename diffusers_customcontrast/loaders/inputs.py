@@ -18,7 +18,8 @@ offers no extension point on either. The feature extractor is not touched: anyth
 would change what every holder of it sees. So the loading pipeline gets its own ``encode_image`` (an instance
 attribute shadowing the class's method, removed at unload), as it gets its own ``load_ip_adapter``. A pipeline made
 with ``from_pipe`` after loading shares the UNet, so the subject applies there too, but it has diffusers' own
-``encode_image``: give it raw images that CLIP reads right (8-bit RGB), or call its ``load_customcontrast``.
+``encode_image``: give it raw images that CLIP reads right (8-bit RGB), or load the adapter on it (which moves the
+per-pipeline methods there).
 """
 
 from __future__ import annotations

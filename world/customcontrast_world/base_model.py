@@ -29,6 +29,10 @@ from .autoencoder import PatchAutoencoder
 
 SYNTHETIC_BASE_DIR: Path = Path(__file__).resolve().parent / "assets" / "synthetic-base"
 """Folder of the shipped synthetic base pipeline."""
+PROJECTED_AUTOENCODER_DIR: Path = Path(__file__).resolve().parent / "assets" / "projected-autoencoder"
+"""The projected autoencoder trained by ``train_base --stages vae --autoencoder projected`` (seed 0, one thread;
+``world/logs/projected-autoencoder.train_log.json``): load it with ``PatchAutoencoder.from_pretrained``. No shipped
+base uses it yet (the base is v4, on its VAE); it is the autoencoder of the next one."""
 
 IMAGE_SIZE = 64
 VAE_FACTOR = 4  # 64 px images <-> 16 x 16 latents

@@ -217,6 +217,9 @@ def test_image_feature_layers_are_the_features_the_adapter_reads():
         return [torch.cat([hidden["blank"][layer], hidden["image"][layer]])[:, None]]
 
     pipe.load_customcontrast(tiny_adapter(pipe, image_feature_layers=[-1]))
+    with torch.no_grad():  # the image encoder is not changed: its other users see its own hidden states
+        own = pipe.image_encoder(pixels, output_hidden_states=True).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(own, hidden["image"], strict=True))
     from_image = generate(pipe, ip_adapter_image=image)
     np.testing.assert_array_equal(from_image, generate(pipe, ip_adapter_image_embeds=by_hand(-1)))
     assert np.abs(from_image - generate(pipe, ip_adapter_image_embeds=by_hand(-2))).max() > 1e-3

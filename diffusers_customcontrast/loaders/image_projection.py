@@ -64,7 +64,7 @@ class MultiSubjectImageProjection(MultiIPAdapterImageProjection):
     gives it, one image at a time.
 
     ``ip_adapter_features``: for an adapter that reads several hidden states of the image encoder (which
-    ``load_customcontrast`` concatenates into the ``hidden_states[-2]`` every image adapter is handed), the channels
+    the loading pipeline's ``encode_image`` hands every image adapter in place of the penultimate one), the channels
     of the penultimate hidden state in them: diffusers' IP-Adapters beside it get those back.
     """
 

@@ -8,15 +8,16 @@ becomes white; float arrays in [0, 1] are taken as [0, 255] and come out black; 
 is ignored; a 1 x 4000 image is upscaled to 224 x 896000 pixels (17 s, 2 GB) before the crop keeps 224 x 224 of
 it; an empty list fails deep inside; a tensor of the wrong shape gives "not enough values to unpack".
 
-While an adapter is loaded, the loading pipeline's ``encode_image`` turns every subject image into a plain RGB
-``PIL.Image`` first (:func:`normalising_encode_image`, :func:`to_rgb`), and the image encoder refuses tensors that
-are not pixel values (:func:`check_pixel_values`, a forward pre-hook).
+While an adapter is loaded, the loading pipeline's ``encode_image`` hands its input through
+:func:`prepare_subject_images` first: every subject image becomes a plain RGB ``PIL.Image`` (:func:`to_rgb`), and a
+tensor that is not pixel values of the image encoder's size is refused (:func:`check_pixel_values`).
 
 Where it hooks, and why there. Only ``encode_image`` and the feature extractor see the raw images, and diffusers
 offers no extension point on either. The feature extractor is not touched: anything set on it lands in its
 ``__dict__``, which ``to_dict`` serialises (``save_pretrained`` would fail while loaded), and changing its class
-would change what every holder of it sees. So the loading pipeline gets its own ``encode_image`` (an instance
-attribute shadowing the class's method, removed at unload), as it gets its own ``load_ip_adapter``. A pipeline made
+would change what every holder of it sees; a hook on the image encoder would act for every other user of that
+encoder too. So the loading pipeline gets its own ``encode_image`` (an instance attribute shadowing the class's
+method, removed at unload; ``loaders/pipeline.py``), as it gets its own ``load_ip_adapter``. A pipeline made
 with ``from_pipe`` after loading shares the UNet, so the subject applies there too, but it has diffusers' own
 ``encode_image``: give it raw images that CLIP reads right (8-bit RGB), or load the adapter on it (which moves the
 per-pipeline methods there).
@@ -24,18 +25,16 @@ per-pipeline methods there).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["check_pixel_values", "normalise_subject_images", "normalising_encode_image", "to_rgb"]
+__all__ = ["check_pixel_values", "normalise_subject_images", "prepare_subject_images", "to_rgb"]
 
 # Center-cropping processors keep only the middle square of an image; a longer image is cropped to this aspect
 # ratio before them, so that they never upscale a 1 x 4000 strip to 224 x 896000 pixels (our choice of bound).
@@ -170,24 +169,19 @@ def normalise_subject_images(images: Any, processor: Any = None) -> Any:
     return to_rgb(images, processor)
 
 
-def normalising_encode_image(encode_image: Callable) -> Callable:
-    """A pipeline's ``encode_image`` that passes raw subject images through :func:`normalise_subject_images` first;
-    tensors (CLIP pixel values) go through unchanged, as diffusers hands them to the image encoder."""
-
-    @functools.wraps(encode_image)
-    def wrapper(self, image, *args, **kwargs):
-        if not isinstance(image, torch.Tensor):
-            image = normalise_subject_images(image, getattr(self, "feature_extractor", None))
-        return encode_image(self, image, *args, **kwargs)
-
-    return wrapper
+def prepare_subject_images(images: Any, processor: Any = None, image_encoder: torch.nn.Module | None = None) -> Any:
+    """``ip_adapter_image`` as the loading pipeline's ``encode_image`` hands it on: raw images through
+    :func:`normalise_subject_images`; a tensor, which diffusers takes as CLIP pixel values, checked as such
+    (:func:`check_pixel_values`) and passed unchanged."""
+    if isinstance(images, torch.Tensor):
+        check_pixel_values(images, image_encoder)
+        return images
+    return normalise_subject_images(images, processor)
 
 
-def check_pixel_values(image_encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Image encoder forward pre-hook: a tensor ``ip_adapter_image`` must be pixel values of the encoder's size."""
-    pixel_values = args[0] if args else kwargs.get("pixel_values")
-    if not isinstance(pixel_values, torch.Tensor):
-        return
+def check_pixel_values(pixel_values: torch.Tensor, image_encoder: torch.nn.Module | None = None) -> None:
+    """A tensor ``ip_adapter_image`` must be finite pixel values ``[batch, 3, size, size]`` (``size``: the image
+    encoder's ``image_size``); warns when it looks like an image in [0, 1] rather than CLIP-normalised values."""
     size = getattr(getattr(image_encoder, "config", None), "image_size", None)
     expected = (3, size, size) if isinstance(size, numbers.Integral) else None
     if pixel_values.ndim != 4 or (expected is not None and tuple(pixel_values.shape[1:]) != expected):
@@ -197,8 +191,6 @@ def check_pixel_values(image_encoder: torch.nn.Module, args: tuple, kwargs: dict
             f"(diffusers' convention, what pipe.feature_extractor returns), got shape {list(pixel_values.shape)}: "
             "pass a raw image as a PIL image or numpy array, or as a tensor inside a list (ip_adapter_image=[[tensor]])."
         )
-    if torch.compiler.is_compiling():
-        return
     if not torch.isfinite(pixel_values).all():
         raise ValueError("The ip_adapter_image pixel values hold NaN or infinite values.")
     low, high = pixel_values.aminmax()

@@ -27,7 +27,7 @@ from diffusers.loaders import IPAdapterMixin
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..conditioning import SubjectRecording
-from ..models.adapter import CustomContrastAdapter, select_image_features
+from ..models.adapter import CustomContrastAdapter
 from . import injection, inputs
 from .serialization import AdapterLoadError, load_adapter, resolve_file
 
@@ -99,9 +99,10 @@ def load_customcontrast(
         AdapterLoadError: a file is missing, corrupt or unsafe (an ``OSError`` and a ``ValueError``).
 
     Everything is checked before the pipeline is changed: when loading fails, the pipeline (and an adapter loaded
-    before) is left exactly as it was. While the adapter is loaded, this pipeline normalises subject images before
-    its feature extractor sees them (see :mod:`diffusers_customcontrast.loaders.inputs`), and an adapter
-    trained on other image encoder hidden states than the penultimate is fed those.
+    before) is left exactly as it was. While the adapter is loaded, this pipeline's ``encode_image`` normalises
+    subject images before its feature extractor sees them (see :mod:`diffusers_customcontrast.loaders.inputs`) and
+    gives an adapter trained on other image encoder hidden states than the penultimate those; the image encoder and
+    feature extractor themselves are not changed.
     """
     _check_pipeline(pipe)
     unet = pipe.unet
@@ -131,12 +132,6 @@ def load_customcontrast(
     state = injection.attach(unet, adapter, scale=scale)
     state.num_train_timesteps = _num_train_timesteps(pipe)
     state.cleanups.append(_install_instance_methods(pipe))
-    encoder = getattr(pipe, "image_encoder", None)
-    if encoder is not None:
-        state.cleanups.append(encoder.register_forward_pre_hook(inputs.check_pixel_values, with_kwargs=True).remove)
-    feature_layers = adapter.adapter_config.image_feature_layers
-    if encoder is not None and feature_layers not in (None, (-2,)):  # None: it reads the pooled image_embeds
-        state.cleanups.append(_feed_feature_layers(encoder, feature_layers))
     logger.info("Loaded CustomContrast adapter (%d layers) into %s.", adapter.num_layers, type(pipe).__name__)
     return adapter
 
@@ -296,18 +291,31 @@ def _weights_device(pipe: DiffusionPipeline) -> torch.device:
     return device if device is not None else pipe._execution_device
 
 
-def _feed_feature_layers(image_encoder: torch.nn.Module, layers: tuple[int, ...]) -> Callable[[], None]:
-    """Make the image encoder's penultimate hidden state, which diffusers' ``encode_image`` hands to image adapters,
-    the features the adapter was trained on (``image_feature_layers``); returns the undo."""
+def _encoding_subjects(encode_image: Callable) -> Callable:
+    """diffusers' ``encode_image``, as the loading pipeline's own: the input goes through
+    :func:`inputs.prepare_subject_images` first, and for an adapter trained on other hidden states of the image
+    encoder than the penultimate (``image_feature_layers``), those, concatenated, are the hidden-state features of
+    every image adapter of the pipeline (``MultiSubjectImageProjection`` gives diffusers' IP-Adapters their
+    penultimate channels back). Only what this method returns differs: the image encoder's other users see its own
+    outputs."""
 
-    def select_features(module: torch.nn.Module, args: tuple, kwargs: dict, output):
-        hidden_states = getattr(output, "hidden_states", None)
-        if hidden_states is not None:
-            features = select_image_features(hidden_states, layers)
-            output.hidden_states = (*hidden_states[:-2], features, hidden_states[-1])
-        return output
+    @functools.wraps(encode_image)
+    def wrapper(self, image, device, num_images_per_prompt, output_hidden_states=None):
+        image = inputs.prepare_subject_images(image, self.feature_extractor, self.image_encoder)
+        state = injection.attached(self.unet)
+        layers = state.adapter.adapter_config.image_feature_layers if state is not None else None
+        if not output_hidden_states or layers in (None, (-2,)):  # None: the adapter reads pooled image_embeds
+            return encode_image(self, image, device, num_images_per_prompt, output_hidden_states)
+        if not isinstance(image, torch.Tensor):
+            image = self.feature_extractor(image, return_tensors="pt").pixel_values
+        image = image.to(device=device, dtype=next(self.image_encoder.parameters()).dtype)
+        positive, negative = (  # diffusers' negative: the features of an all-zero image
+            state.adapter.image_features(self.image_encoder, pixels).repeat_interleave(num_images_per_prompt, dim=0)
+            for pixels in (image, torch.zeros_like(image))
+        )
+        return positive, negative
 
-    return image_encoder.register_forward_hook(select_features, with_kwargs=True).remove
+    return wrapper
 
 
 def _beside_ip_adapters(method: Callable) -> Callable:
@@ -338,19 +346,21 @@ def _beside_ip_adapters(method: Callable) -> Callable:
 _INSTANCE_METHODS: dict[str, Callable[[Callable], Callable]] = {
     "load_ip_adapter": _beside_ip_adapters,
     "unload_ip_adapter": _beside_ip_adapters,
-    "encode_image": inputs.normalising_encode_image,
+    "encode_image": _encoding_subjects,
 }
 """The pipeline methods a load shadows on the loading pipeline, and how each is wrapped."""
 
 
 def _install_instance_methods(pipe: DiffusionPipeline) -> Callable[[], None]:
     """Give ``pipe`` its own ``load_ip_adapter`` / ``unload_ip_adapter`` that keep CustomContrast loaded, and its own
-    ``encode_image`` that normalises subject images; returns the undo.
+    ``encode_image`` that normalises subject images and reads the adapter's image features; returns the undo.
 
     Why per instance: diffusers has no extension point around these methods (the first two replace every processor
-    and ``encoder_hid_proj``; the third is the only one that sees raw subject images), and changing a class would
-    change every pipeline in the process, loaded or not. The instance attributes shadow the class's methods until
-    unload; a pipeline made with ``from_pipe`` has diffusers' own methods.
+    and ``encoder_hid_proj``; the third is the only one that sees raw subject images and picks the image encoder's
+    hidden state), and changing a class would change every pipeline in the process, loaded or not. The instance
+    attributes shadow the class's methods until unload; a pipeline made with ``from_pipe`` has diffusers' own methods
+    (for an adapter with ``image_feature_layers`` other than ``[-2]`` it is refused in one sentence until the adapter
+    is loaded on it).
     """
     for name, wrap in _INSTANCE_METHODS.items():
         setattr(pipe, name, types.MethodType(wrap(getattr(type(pipe), name)), pipe))

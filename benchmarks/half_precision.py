@@ -11,7 +11,8 @@ The target (issue 29): finite, and within ``max(10 x the base's own drift, 0.02)
 
     python benchmarks/half_precision.py             # the table (about a minute on 2 cores)
     python benchmarks/half_precision.py --trace     # also name the first adapter module whose output is not finite
-    python benchmarks/half_precision.py --tv-fusion-residual capped --no-world --no-ip-adapter  # the fusion before
+    python benchmarks/half_precision.py --tv-fusion-residual capped --no-qk-norm --no-world --no-ip-adapter  # before
+    python benchmarks/half_precision.py --no-qk-norm --weight-rounding --sigmas 0.5 --no-world --no-ip-adapter
 """
 
 from __future__ import annotations
@@ -132,39 +133,40 @@ def base_drift(make_pipe) -> dict:
     return {label: difference(generate(make_pipe().to(dtype)), reference) for label, dtype in DTYPES.items()}
 
 
-def customcontrast_attach(sigma: float, residual: str = "normalised"):
+def perturbed_adapter(pipe, sigma: float, options: dict) -> CustomContrastAdapter:
+    """A default adapter for ``pipe`` (with ``options``), ``N(0, sigma)`` added to every parameter."""
+    torch.manual_seed(0)
+    adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, **options)
+    perturb(adapter, sigma)
+    return adapter
+
+
+def customcontrast_attach(sigma: float, options: dict):
     def attach(pipe) -> None:
-        torch.manual_seed(0)
-        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, tv_fusion_residual=residual)
-        perturb(adapter, sigma)
-        pipe.load_customcontrast(adapter)
+        pipe.load_customcontrast(perturbed_adapter(pipe, sigma, options))
 
     return attach
 
 
-def rounded_attach(sigma: float, dtype: torch.dtype, residual: str = "normalised"):
+def rounded_attach(sigma: float, dtype: torch.dtype, options: dict):
     """The perturbed adapter with its weights rounded to ``dtype`` and back: float32 arithmetic, half-precision
     weights (how sensitive the function itself is to the rounding ``pipe.to(dtype)`` makes)."""
 
     def attach(pipe) -> None:
-        torch.manual_seed(0)
-        adapter = CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, tv_fusion_residual=residual)
-        perturb(adapter, sigma)
-        adapter.to(dtype).to(torch.float32)
-        pipe.load_customcontrast(adapter)
+        pipe.load_customcontrast(perturbed_adapter(pipe, sigma, options).to(dtype).to(torch.float32))
 
     return attach
 
 
-def weight_rounding(sigma: float, residual: str) -> dict:
+def weight_rounding(sigma: float, options: dict) -> dict:
     subject = {"ip_adapter_image": make_subject_image(0)}
     pipe = tiny_sd15_pipeline()
-    customcontrast_attach(sigma, residual)(pipe)
+    customcontrast_attach(sigma, options)(pipe)
     reference = generate(pipe, **subject)
     out = {}
     for label, dtype in DTYPES.items():
         pipe = tiny_sd15_pipeline()
-        rounded_attach(sigma, dtype, residual)(pipe)
+        rounded_attach(sigma, dtype, options)(pipe)
         out[label] = difference(generate(pipe, **subject), reference)
     return out
 
@@ -237,6 +239,11 @@ def main() -> None:
         default="normalised",
         help="the perturbed adapters' fusion ('capped': the form of adapters saved before the config field)",
     )
+    parser.add_argument(
+        "--no-qk-norm",
+        action="store_true",
+        help="perturbed adapters without the Q-Formers' QK-norm (qformer_qk_norm=False, adapters saved before it)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.max_fusion_rms is not None:
@@ -247,20 +254,21 @@ def main() -> None:
     base = base_drift(tiny_sd15_pipeline)
     target = targets(base)
     print(f"base pipeline: fp16 {base['fp16']:.4f}, bf16 {base['bf16']:.4f}; target <= {target}")
+    options = {"tv_fusion_residual": args.tv_fusion_residual, "qformer_qk_norm": not args.no_qk_norm}
     rows = []
     for sigma in args.sigmas:
-        attach = customcontrast_attach(sigma, args.tv_fusion_residual)
+        attach = customcontrast_attach(sigma, options)
         row = {"sigma": sigma, "customcontrast": measure(tiny_sd15_pipeline, attach, args.trace)}
         if not args.no_ip_adapter:
             row["ip_adapter_plus"] = measure(tiny_sd15_pipeline, ip_adapter_attach(sigma), args.trace)
         if args.weight_rounding:
-            row["customcontrast_fp32_weights_rounded"] = weight_rounding(sigma, args.tv_fusion_residual)
+            row["customcontrast_fp32_weights_rounded"] = weight_rounding(sigma, options)
         rows.append(row)
         print(json.dumps(row))
     from diffusers_customcontrast.models import mfi_encoder
 
     payload = {
-        "tv_fusion_residual": args.tv_fusion_residual,
+        **options,
         "max_fusion_rms": mfi_encoder.cap_rms.__defaults__[0],
         "base": base,
         "target": target,

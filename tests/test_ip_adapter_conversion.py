@@ -334,7 +334,7 @@ def test_a_trained_adapter_exports_to_an_ip_adapter_plus_that_diffusers_loads_an
     (its added parts are no-ops: what the export holds is all it computes)."""
     pipe = tiny_sd15_pipeline()
     encoder = pipe.image_encoder
-    shape = {"hidden_size": 128, "num_heads": 2, "visual_depth": 4, "num_visual_tokens": 4}
+    shape = {"hidden_size": 128, "num_heads": 2, "visual_depth": 4, "num_visual_tokens": 4, "qformer_qk_norm": False}
     adapter = dcc.CustomContrastAdapter.from_unet(
         pipe.unet, encoder, **shape, num_textual_tokens=2, textual_depth=1, timestep_embed_dim=32, **CONVERTED_OPTIONS
     )
@@ -365,11 +365,16 @@ def test_a_trained_adapter_exports_to_an_ip_adapter_plus_that_diffusers_loads_an
     assert max(differences.values()) < TOLERANCE, differences
 
 
-def test_an_adapter_with_other_than_64_wide_heads_is_not_exported():
+def test_an_adapter_that_a_resampler_cannot_compute_is_not_exported():
+    """Heads other than 64 wide, or QK-norm in the visual Q-Former (the default for new adapters)."""
     pipe = tiny_sd15_pipeline()
     adapter = dcc.CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, hidden_size=128, num_heads=4)
     with pytest.raises(ValueError, match=r"64-wide Resampler heads, but this adapter's visual Q-Former has 4 heads"):
         ip_adapter_state_dict(adapter)
+    adapter = dcc.CustomContrastAdapter.from_unet(pipe.unet, pipe.image_encoder, hidden_size=128, num_heads=2)
+    with pytest.raises(ValueError, match=r"qformer_qk_norm=True\), which IP-Adapter-Plus's Resampler does not"):
+        ip_adapter_state_dict(adapter)
+    ip_adapter_state_dict(adapter.from_config({**adapter.config, "qformer_qk_norm": False}))
 
 
 # ---------------------------------------------------------------------------------------------------- training

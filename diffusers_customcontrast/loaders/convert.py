@@ -322,7 +322,9 @@ def adapter_from_ip_adapter(
         width, read, encoder_width = image_proj["norm.weight"].shape[-1], "pooled image embeddings", "projection_dim"
         encoders = "ViT-H/14: 1024, ViT-bigG/14: 1280"
     else:
-        kind, derived = "IP-Adapter-Plus", {**resampler_options(image_proj), "image_feature_layers": [-2]}
+        # The Resampler has no QK-norm: its blocks compute what the checkpoint's did only without it.
+        derived = {**resampler_options(image_proj), "image_feature_layers": [-2], "qformer_qk_norm": False}
+        kind = "IP-Adapter-Plus"
         width, read, encoder_width = image_proj["proj_out.weight"].shape[0], "image features", "hidden_size"
         encoders = "ViT-H/14: 1280, ViT-bigG/14: 1664"
     if width != context:
@@ -361,7 +363,7 @@ def ip_adapter_state_dict(adapter: CustomContrastAdapter) -> dict[str, torch.Ten
 
     Raises:
         ValueError: the visual Q-Former's heads are not 64 wide (IP-Adapter-Plus checkpoints do not record the head
-            count, and every reader of them assumes 64-wide heads).
+            count, and every reader of them assumes 64-wide heads), or it has QK-norm (``qformer_qk_norm``).
     """
     config = adapter.adapter_config
     projection = adapter.encoder.visual_qformer
@@ -373,6 +375,12 @@ def ip_adapter_state_dict(adapter: CustomContrastAdapter) -> dict[str, torch.Ten
                 f"IP-Adapter-Plus checkpoints are read with {HEAD_DIM}-wide Resampler heads, but this adapter's visual "
                 f"Q-Former has {config.num_heads} heads of {config.hidden_size // config.num_heads}: export an adapter "
                 f"with num_heads = hidden_size / {HEAD_DIM}."
+            )
+        if config.qformer_qk_norm:
+            raise ValueError(
+                "This adapter's visual Q-Former RMS-normalises its queries and keys (qformer_qk_norm=True), which "
+                "IP-Adapter-Plus's Resampler does not: only an adapter built with qformer_qk_norm=False (as converted "
+                "ones are) exports to an IP-Adapter-Plus checkpoint."
             )
         # The latents are the queries' rows 1..; row 0, the visual CLS, is CustomContrast's own.
         image_proj = {"latents": projection.queries[1:].unsqueeze(0)}

@@ -113,6 +113,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, str) and v in TV_FUSION_RESIDUALS,
         f"one of {', '.join(TV_FUSION_RESIDUALS)}",
     ),
+    "qformer_qk_norm": (lambda v: isinstance(v, bool), "true or false"),
     "s_plus_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     "image_input": (lambda v: isinstance(v, str) and v in IMAGE_INPUTS, f"one of {', '.join(IMAGE_INPUTS)}"),
     "visual_projection": (
@@ -216,6 +217,12 @@ class CustomContrastAdapterConfig:
     num_textual_tokens: int = _option(8, "S+ tokens Ns per cross-attention layer.")
     timestep_embed_dim: int = _option(256, "Width of the sinusoidal timestep features of the textual Q-Former.")
     mlp_ratio: float = _option(4.0, "MLP expansion of the Q-Former blocks.")
+    qformer_qk_norm: bool = _option(
+        True,
+        "RMS-normalise the queries and keys of the Q-Formers' attentions per head (parameter-free QK-norm: logits "
+        "within sqrt(head width), stable in float16 and bfloat16 at any weight size); false: plain attention, what "
+        "IP-Adapter-Plus's Resampler computes and what a config.json without this field means.",
+    )
     location_init_bias: float = _option(
         3.0, "Initial bias of the location heads: the maps start as sigmoid(standardised affinity + bias)."
     )
@@ -271,7 +278,9 @@ class CustomContrastAdapterConfig:
             )
         _check_format_version(values.get("format_version", FORMAT_VERSION))
         fields = {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith("_"))}
-        fields.setdefault("tv_fusion_residual", "capped")  # saved before the field existed
+        # Saved before these fields existed: they mean what those adapters computed.
+        fields.setdefault("tv_fusion_residual", "capped")
+        fields.setdefault("qformer_qk_norm", False)
         unknown = sorted(str(k) for k in fields if k not in cls.field_names())
         if unknown:
             raise ValueError(
@@ -359,6 +368,7 @@ ARCHITECTURE_OPTIONS: tuple[str, ...] = (
     "num_textual_tokens",
     "timestep_embed_dim",
     "mlp_ratio",
+    "qformer_qk_norm",
     "location_init_bias",
     "tv_fusion_init",
     "tv_fusion_residual",

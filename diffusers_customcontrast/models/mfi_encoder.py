@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
@@ -31,6 +30,7 @@ from .qformer import (
     QFormer,
     VisualQFormer,
     float32_region,
+    normalise_heads,
     split_heads,
 )
 
@@ -134,7 +134,7 @@ class TVFusion(nn.Module):
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         heads = split_heads(projected, self.num_heads)
-        return F.rms_norm(heads, (heads.shape[-1],)) if self.normalised else heads
+        return normalise_heads(heads) if self.normalised else heads
 
     def keys_values(self, visual_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head float32 keys and values ``[B, heads, Nv, d]`` of the visual tokens ``[B, Nv, H]``."""
@@ -194,6 +194,7 @@ class MFIEncoder(nn.Module):
                 config.num_visual_tokens,
                 context,
                 config.mlp_ratio,
+                config.qformer_qk_norm,
             )
 
         self.image_proj = nn.Sequential(
@@ -203,7 +204,7 @@ class MFIEncoder(nn.Module):
         self.time_proj = Timesteps(config.timestep_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(config.timestep_embed_dim, hidden)
         self.layer_embedding = nn.Embedding(config.num_layers, hidden)
-        self.textual_qformer = QFormer(hidden, heads, config.textual_depth, config.mlp_ratio)
+        self.textual_qformer = QFormer(hidden, heads, config.textual_depth, config.mlp_ratio, config.qformer_qk_norm)
 
         self.s_plus_proj = nn.Sequential(nn.Linear(hidden, context), nn.LayerNorm(context))
         self.tv_fusion = TVFusion(

@@ -48,6 +48,14 @@ def float32_region(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(device if device in AUTOCAST_DEVICES else "cpu", enabled=False)
 
 
+def normalise_heads(heads: torch.Tensor) -> torch.Tensor:
+    """Parameter-free QK-norm: every head's queries or keys ``[..., d]`` scaled to RMS 1 (in float32: their squares
+    outgrow float16), so that attention logits stay within ``sqrt(d)`` whatever the weights. Without it, weights of
+    the size training makes turn softmaxes into near-argmaxes that the weights' last bits decide: rounding them to
+    float16, with float32 arithmetic, moved the images as much as float16 did (issue 29)."""
+    return F.rms_norm(heads.float(), (heads.shape[-1],)).to(heads.dtype)
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``scaled_dot_product_attention``, in float32 for half-precision inputs, cast back.
 
@@ -91,13 +99,15 @@ class Float32LayerNorm(nn.LayerNorm):
 
 
 class QFormerBlock(nn.Module):
-    """Pre-norm block: self-attention within each query group, cross-attention to the image, MLP."""
+    """Pre-norm block: self-attention within each query group, cross-attention to the image, MLP; with ``qk_norm``
+    the queries and keys of both attentions are RMS-normalised per head (:func:`normalise_heads`)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
         self.num_heads = num_heads
+        self.qk_norm = qk_norm
         self.norm_self = nn.LayerNorm(hidden_size)
         self.to_qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.self_out = nn.Linear(hidden_size, hidden_size)
@@ -112,24 +122,28 @@ class QFormerBlock(nn.Module):
             nn.Linear(int(hidden_size * mlp_ratio), hidden_size),
         )
 
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        """Queries or keys ``[B, N, C]`` per head, normalised with ``qk_norm``."""
+        heads = split_heads(projected, self.num_heads)
+        return normalise_heads(heads) if self.qk_norm else heads
+
     def image_keys_values(self, image_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project ``[B, P, C]`` image tokens to per-head keys and values ``[B, heads, P, d]``."""
         key, value = self.to_kv_image(image_context).chunk(2, dim=-1)
-        return split_heads(key, self.num_heads), split_heads(value, self.num_heads)
+        return self._heads(key), split_heads(value, self.num_heads)
 
     def forward(self, queries: torch.Tensor, image_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``queries`` is ``[B, G, Q, C]``: G groups of Q queries per image, each group self-attending alone."""
         batch, groups, num_queries, channels = queries.shape
 
         grouped = self.norm_self(queries).reshape(batch * groups, num_queries, channels)
-        q, k, v = (split_heads(t, self.num_heads) for t in self.to_qkv(grouped).chunk(3, dim=-1))
-        attended = merge_heads(attention(q, k, v))
+        q, k, v = self.to_qkv(grouped).chunk(3, dim=-1)
+        attended = merge_heads(attention(self._heads(q), self._heads(k), split_heads(v, self.num_heads)))
         queries = queries + self.self_out(attended).view(batch, groups, num_queries, channels)
 
         # All groups of one image attend to that image's keys in one call: no copy of the keys per group.
         flat = self.norm_cross(queries).reshape(batch, groups * num_queries, channels)
-        q = split_heads(self.to_q_cross(flat), self.num_heads)
-        attended = merge_heads(attention(q, *image_kv))
+        attended = merge_heads(attention(self._heads(self.to_q_cross(flat)), *image_kv))
         queries = queries + self.cross_out(attended).view(batch, groups, num_queries, channels)
 
         return queries + self.mlp(self.norm_mlp(queries))
@@ -138,9 +152,11 @@ class QFormerBlock(nn.Module):
 class QFormer(nn.Module):
     """A stack of :class:`QFormerBlock` with a final LayerNorm."""
 
-    def __init__(self, hidden_size: int, num_heads: int, depth: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, depth: int, mlp_ratio: float = 4.0, qk_norm: bool = False
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([QFormerBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([QFormerBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size)
 
     def image_keys_values(self, image_context: torch.Tensor) -> KeysValues:
@@ -161,12 +177,14 @@ class PerceiverBlock(nn.Module):
     The parameter names are those of the original checkpoints (``norm1`` for the image, ``norm2`` for the queries,
     ``to_q``, ``to_kv``, ``to_out``, and ``ff`` = LayerNorm, Linear, GELU, Linear), all projections without bias as
     there. The first query (the visual CLS) reads the others but is not read by them: the latent queries compute
-    exactly what the Resampler's do.
+    exactly what the Resampler's do, unless ``qk_norm`` RMS-normalises queries and keys per head
+    (:func:`normalise_heads`; the Resampler has no such norm).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.qk_norm = qk_norm
         self.norm1 = nn.LayerNorm(hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.to_q = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -185,6 +203,8 @@ class PerceiverBlock(nn.Module):
         normed = self.norm2(queries)
         keys, values = self.to_kv(torch.cat([self.norm1(image), normed[:, 1:]], dim=1)).chunk(2, dim=-1)
         q, k, v = (split_heads(t, self.num_heads) for t in (self.to_q(normed), keys, values))
+        if self.qk_norm:
+            q, k = normalise_heads(q), normalise_heads(k)
         queries = queries + self.to_out(merge_heads(attention(q, k, v)))
         return queries + self.ff(queries)
 
@@ -208,11 +228,12 @@ class VisualQFormer(nn.Module):
         num_tokens: int,
         cross_attention_dim: int,
         mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(1 + num_tokens, hidden_size) / hidden_size**0.5)
         self.proj_in = nn.Linear(image_embed_dim, hidden_size)
-        self.blocks = nn.ModuleList([PerceiverBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([PerceiverBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.proj_out = nn.Linear(hidden_size, cross_attention_dim)
         self.norm_out = Float32LayerNorm(cross_attention_dim)
 

@@ -33,6 +33,9 @@ WORLD_ADAPTER: dict[str, Any] = {
         # default for new adapters ("normalised", issue 29) gave in one demo run identity 20.8 % / colour set 5.6 %
         # against 19.4 % / 16.7 % (36 photos); the world benchmark has not compared them yet.
         "tv_fusion_residual": "capped",
+        # Likewise: the shipped adapter's Q-Formers have plain attention (the library's default for new adapters is
+        # QK-norm, issue 29; not yet compared on the world benchmark).
+        "qformer_qk_norm": False,
     }
 }
 """Adapter size for the world's base model (width 64 like its text encoder and image encoder): 0.30 M parameters,

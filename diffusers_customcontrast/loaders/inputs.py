@@ -121,9 +121,9 @@ def to_rgb(image: Any, processor: Any = None) -> Image.Image:
     The EXIF orientation is applied; transparency is composited on white (the background of the segmented reference
     images CustomContrast is trained with); 1-bit, palette, CMYK, YCbCr, LAB and HSV images are converted; 16- and
     32-bit images are scaled to 8 bits. numpy arrays and tensors (inside a list; a tensor alone is pixel values, see
-    :func:`install`) may be HxW, HxWxC or CxHxW, uint8 (or uint16, bool) or float in [0, 1]. Anything else raises a
-    one-sentence ``ValueError``. With a center-cropping ``processor``, images longer than 4:1 are center-cropped to
-    4:1 first (the crop keeps less than that anyway).
+    :func:`prepare_subject_images`) may be HxW, HxWxC or CxHxW, uint8 (or uint16, bool) or float in [0, 1]. Anything
+    else raises a one-sentence ``ValueError``. With a center-cropping ``processor``, images longer than 4:1 are
+    center-cropped to 4:1 first (the crop keeps less than that anyway).
     """
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()

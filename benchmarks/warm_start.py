@@ -91,6 +91,8 @@ ADAPTER_SHAPE = {
     "textual_depth": 1,
     "num_textual_tokens": 4,
     "timestep_embed_dim": 64,
+    # What an IP-Adapter-Plus's Resampler computes (the first run is exported as one), for every run alike.
+    "qformer_qk_norm": False,
 }
 DIFFUSION_ONLY = {"use_cscl": False, "use_macl": False, "use_location": False}
 OPENING = ("s_plus_scale", "gate_strength", "tv_fusion_norm")

@@ -172,7 +172,8 @@ def _penultimate_features(adapter: CustomContrastAdapter) -> slice | None:
     """Where the penultimate hidden state lies in the features of an adapter that reads several hidden states.
 
     The loading pipeline's ``encode_image`` hands every image adapter those concatenated features where diffusers'
-    hands the penultimate hidden state; diffusers' IP-Adapters beside it are given back their own slice (``None``: the adapter reads the penultimate hidden state alone, or no hidden states at all).
+    hands the penultimate hidden state; diffusers' IP-Adapters beside it are given back their own slice (``None``:
+    the adapter reads the penultimate hidden state alone, or no hidden states at all).
     """
     layers = adapter.adapter_config.image_feature_layers
     if layers is None or tuple(layers) == (-2,) or -2 not in layers:

@@ -9,8 +9,10 @@ The pre-hook gives each UNet call its own subject: it returns the call's argumen
 ``added_cond_kwargs["image_embeds"]`` wrapped, together with the call's timesteps and options, into a
 :class:`~diffusers_customcontrast.conditioning.SubjectConditioning` (new dicts and lists: the caller's stay as they
 were). It also checks the call's subject inputs before any layer runs: shapes on every call, values once per tensor
-(a pipeline hands every step the same tensors, so once per generation: no device -> host sync per step), and its
-options (scales expanded to one value per layer); and it decides the step range from the call's own timestep.
+(a pipeline hands every step the same tensors; the loading pipeline's ``prepare_ip_adapter_image_embeds`` has
+checked the features before the loop, so only masks are read, in the first call: no device -> host sync per step),
+and its options (scales expanded to one value per layer); and it decides the step range from the call's own
+timestep.
 
 Other calls replace attention processors wholesale (``enable_attention_slicing``, ``fuse_qkv_projections``,
 ``set_attn_processor``, ``unload_ip_adapter``). The pre-hook checks, before every UNet call, that the adapter is still
@@ -392,6 +394,7 @@ def _conditioning(
                 f"with {entry.num_subjects} subjects each needs {batch * entry.num_subjects}."
             )
     else:
+        check_feature_values(entry)  # before any reshape: the pipeline hands every call this very tensor
         if state.pooled and getattr(entry, "ndim", None) == 3:
             entry = entry[:, :, None]  # pooled embeddings [batch, num_subjects, width]: one token per subject
         features = _checked_features(entry, state.adapter.config.image_embed_dim, batch)
@@ -461,6 +464,23 @@ def _checked(tensor: torch.Tensor) -> None:
     _CHECKED[id(tensor)] = tensor
 
 
+def check_feature_values(features: Any) -> None:
+    """Refuse subject features holding NaN or infinite values; reads a tensor's values once (then remembers it).
+
+    The loading pipeline's ``prepare_ip_adapter_image_embeds`` calls it on the features it hands the denoising loop,
+    so that no UNet call reads them on the host; the UNet pre-hook calls it too (a no-op for those), for callers that
+    build the features otherwise.
+    """
+    if not isinstance(features, torch.Tensor) or not _needs_check(features):
+        return
+    if not torch.isfinite(features).all():
+        raise ValueError(
+            "The subject features hold NaN or infinite values (from ip_adapter_image_embeds, or an image encoder "
+            "that overflowed, e.g. in float16): CustomContrast would produce a NaN image."
+        )
+    _checked(features)
+
+
 def _checked_features(features: Any, width: int, batch: int) -> torch.Tensor:
     """The subject features of a call, ``[batch, num_subjects, tokens, width]``, one row per latent."""
     if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[-1] != width:
@@ -476,13 +496,6 @@ def _checked_features(features: Any, width: int, batch: int) -> torch.Tensor:
             f"The subject embeddings have batch size {rows}, which does not divide the prompt batch size "
             f"{batch}: pass one subject image per prompt, or one for all prompts."
         )
-    if _needs_check(features):
-        if not torch.isfinite(features).all():
-            raise ValueError(
-                "The subject features hold NaN or infinite values (from ip_adapter_image_embeds, or an image encoder "
-                "that overflowed, e.g. in float16): CustomContrast would produce a NaN image."
-            )
-        _checked(features)
     # Pipelines order rows as [negative prompts..., positive prompts...] and the image rows the same way, so each
     # image row serves a contiguous run of prompt rows.
     return features if rows == batch else features.repeat_interleave(batch // rows, dim=0)

@@ -318,6 +318,22 @@ def _encoding_subjects(encode_image: Callable) -> Callable:
     return wrapper
 
 
+def _checking_subject_features(prepare: Callable) -> Callable:
+    """diffusers' ``prepare_ip_adapter_image_embeds``, as the loading pipeline's own: the values of CustomContrast's
+    entry of what it returns are checked here (:func:`injection.check_feature_values`), once per generation before
+    the denoising loop, so that no UNet call reads them on the host."""
+
+    @functools.wraps(prepare)
+    def wrapper(self, *args, **kwargs):
+        image_embeds = prepare(self, *args, **kwargs)
+        state = injection.attached(self.unet)
+        if state is not None and isinstance(image_embeds, list) and state.entry_index < len(image_embeds):
+            injection.check_feature_values(image_embeds[state.entry_index])
+        return image_embeds
+
+    return wrapper
+
+
 def _beside_ip_adapters(method: Callable) -> Callable:
     """diffusers' ``load_ip_adapter`` or ``unload_ip_adapter``, made to leave CustomContrast loaded.
 
@@ -347,17 +363,19 @@ _INSTANCE_METHODS: dict[str, Callable[[Callable], Callable]] = {
     "load_ip_adapter": _beside_ip_adapters,
     "unload_ip_adapter": _beside_ip_adapters,
     "encode_image": _encoding_subjects,
+    "prepare_ip_adapter_image_embeds": _checking_subject_features,
 }
 """The pipeline methods a load shadows on the loading pipeline, and how each is wrapped."""
 
 
 def _install_instance_methods(pipe: DiffusionPipeline) -> Callable[[], None]:
-    """Give ``pipe`` its own ``load_ip_adapter`` / ``unload_ip_adapter`` that keep CustomContrast loaded, and its own
-    ``encode_image`` that normalises subject images and reads the adapter's image features; returns the undo.
+    """Give ``pipe`` its own ``load_ip_adapter`` / ``unload_ip_adapter`` that keep CustomContrast loaded, its own
+    ``encode_image`` that normalises subject images and reads the adapter's image features, and its own
+    ``prepare_ip_adapter_image_embeds`` that checks the features' values before the denoising loop; returns the undo.
 
     Why per instance: diffusers has no extension point around these methods (the first two replace every processor
     and ``encoder_hid_proj``; the third is the only one that sees raw subject images and picks the image encoder's
-    hidden state), and changing a class would change every pipeline in the process, loaded or not. The instance
+    hidden state; the fourth is the last step before the loop), and changing a class would change every pipeline in the process, loaded or not. The instance
     attributes shadow the class's methods until unload; a pipeline made with ``from_pipe`` has diffusers' own methods
     (for an adapter with ``image_feature_layers`` other than ``[-2]`` it is refused in one sentence until the adapter
     is loaded on it).

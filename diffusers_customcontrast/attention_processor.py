@@ -16,13 +16,15 @@ nothing between calls: the call's tokens, options and record arrive with the cal
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from torch import nn
 
-from .conditioning import LayerScale, SubjectConditioning
+from .conditioning import LayerScale, SubjectConditioning, layer_value
 from .models.adapter_layer import CustomContrastLayer
 from .models.qformer import merge_heads, split_heads
 
@@ -35,6 +37,19 @@ def per_subject_scales(scale: LayerScale, num_subjects: int) -> list[float]:
     return scales
 
 
+class _SubjectScale(list):
+    """``[lambda_l]`` of a processor with CustomContrast alone, as diffusers' ``set_ip_adapter_scale`` sees its
+    ``scale``: assigning an item replaces the attached adapter's settings, since the processor keeps no copy."""
+
+    def __init__(self, processor: CustomContrastAttnProcessor2_0) -> None:
+        super().__init__([processor.subject_scale])
+        self._processor = processor
+
+    def __setitem__(self, index: int, value: LayerScale) -> None:
+        super().__setitem__(index, value)
+        self._processor.set_subject_scale(self[0])
+
+
 class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     r"""Attention processor of one cross-attention layer with a CustomContrast adapter.
 
@@ -43,17 +58,22 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     CustomContrast's own. Beside diffusers' IP-Adapters (loaded first: entries ``0 .. entry_index - 1`` of the call's
     image embeddings), ``ip_adapter`` is the layer's own IP-Adapter processor, kept whole: this processor computes their
     branches as it does, and ``scale``, what diffusers' ``set_ip_adapter_scale`` sets, is that processor's list, so
-    that each adapter's setter sets its own and unloading CustomContrast leaves them as last set. Alone, ``scale`` is
-    CustomContrast's own ``[subject_scale]`` (so ``set_ip_adapter_scale`` sets it).
+    that each adapter's setter sets its own and unloading CustomContrast leaves them as last set.
+
+    The processor holds no scale of its own: each call's ``lambda_l`` and ``beta_l`` arrive with the call (its
+    :class:`~diffusers_customcontrast.conditioning.SubjectConditioning` options, which the UNet's pre-hook fills in from
+    the attached adapter's settings). ``subject_scale``, ``s_plus_scale`` and, alone, ``scale`` read those settings;
+    assigning ``scale[0]``, as ``set_ip_adapter_scale`` does, replaces them with this layer's value changed.
 
     Args:
         layer: the adapter's modules for this layer (shared, not copied).
         layer_index: index of this layer among the UNet's cross-attention layers.
         num_s_plus_tokens: S+ tokens per subject and layer (the adapter's ``num_textual_tokens``).
-        scale: ``lambda_l``, weight of the visual branch (a float, or one float per subject image).
-        s_plus_scale: ``beta_l``, multiplies the S+ tokens' attention weights (0 removes them).
         entry_index: position of the adapter's entry in the call's image embeddings (load order).
         ip_adapter: the layer's processor of diffusers' IP-Adapters loaded before, if any.
+        attached: the attached adapter whose settings this processor reports (anything with a ``settings``
+            :class:`~diffusers_customcontrast.conditioning.SubjectOptions`); ``None`` for a processor used on its own,
+            which acts with scale 1 unless its calls say otherwise.
     """
 
     def __init__(
@@ -61,10 +81,9 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         layer: CustomContrastLayer,
         layer_index: int,
         num_s_plus_tokens: int,
-        scale: LayerScale = 1.0,
-        s_plus_scale: float = 1.0,
         entry_index: int = 0,
         ip_adapter: IPAdapterAttnProcessor2_0 | None = None,
+        attached: object | None = None,
     ) -> None:
         # Not the parent's __init__: it builds projections of its own and sets `scale`, which here is a view (below).
         nn.Module.__init__(self)
@@ -76,8 +95,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
         self.location = layer.location
         self.location_gate = layer.location_gate
         self.ip_adapter = ip_adapter
-        self._subject_scales = [scale]  # a list: diffusers' set_ip_adapter_scale assigns scale[i] in place
-        self.s_plus_scale = s_plus_scale
+        self.attached = attached
         self.layer_index = layer_index
         self.entry_index = entry_index
         # The same index as a tensor: torch.compile guards on int attributes, so slicing with the int would make
@@ -87,16 +105,26 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     @property
     def subject_scale(self) -> LayerScale:
         """CustomContrast's ``lambda_l`` on this layer (a float, or one per subject image)."""
-        return self._subject_scales[0]
+        return layer_value(self.attached.settings.scale, self.layer_index) if self.attached is not None else 1.0
 
-    @subject_scale.setter
-    def subject_scale(self, value: LayerScale) -> None:
-        self._subject_scales[0] = value
+    @property
+    def s_plus_scale(self) -> float:
+        """CustomContrast's ``beta_l`` on this layer."""
+        return layer_value(self.attached.settings.s_plus_scale, self.layer_index) if self.attached is not None else 1.0
 
     @property
     def scale(self) -> list:
         """What diffusers' ``set_ip_adapter_scale`` sets: the IP-Adapters' scales beside them, else ``[subject_scale]``."""
-        return self.ip_adapter.scale if self.ip_adapter is not None else self._subject_scales
+        return self.ip_adapter.scale if self.ip_adapter is not None else _SubjectScale(self)
+
+    def set_subject_scale(self, value: LayerScale) -> None:
+        """Replace the attached adapter's settings with this layer's ``lambda_l`` set to ``value``."""
+        if self.attached is None:
+            raise ValueError("This processor is not attached to an adapter: pass the scale in the call's options.")
+        settings = self.attached.settings
+        scales = list(settings.scale)
+        scales[self.layer_index] = value
+        self.attached.settings = dataclasses.replace(settings, scale=tuple(scales))
 
     def __call__(
         self,
@@ -155,7 +183,7 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """This layer's S+ context ``[B, n Ns, D]``, its log-bias ``[B, 1, N, n Ns]`` and the gated visual branch
         ``[B, N, C]`` (each ``None`` when switched off)."""
-        scale, s_plus_scale = conditioning.layer_scales(self.layer_index, self.subject_scale, self.s_plus_scale)
+        scale, s_plus_scale = conditioning.layer_scales(self.layer_index)
         s_plus, visual_tokens = conditioning.layer_tokens(self.layer_index_tensor)
         batch, num_subjects, num_tokens = s_plus.shape[:3]
         num_visual_tokens = visual_tokens.shape[2]

@@ -41,6 +41,16 @@ OPTIONS_KEY = "customcontrast"
 """The ``cross_attention_kwargs`` key of a call's :class:`SubjectOptions` (taken out before diffusers sees them)."""
 
 
+def layer_value(values: tuple, layer_index: int) -> Any:
+    """One layer's value of a per-layer tuple of scales.
+
+    Values equal on every layer (the usual case) are read without the index: torch.compile guards on int attributes,
+    so indexing would make diffusers' regional compilation (one graph for every block) recompile for each layer.
+    """
+    first = values[0]
+    return first if all(value == first for value in values) else values[layer_index]
+
+
 @dataclass(frozen=True)
 class SubjectOptions:
     """What a caller gives the UNet calls of one pipeline call, beside the subject features.
@@ -159,14 +169,15 @@ class SubjectConditioning:
         s_plus, visual = (t.index_select(1, index).squeeze(1) for t in (self.tokens.s_plus, self.tokens.visual))
         return s_plus.unflatten(0, (-1, self.num_subjects)), visual.unflatten(0, (-1, self.num_subjects))
 
-    def layer_scales(self, layer_index: int, scale: LayerScale, s_plus_scale: float) -> tuple[LayerScale, float]:
-        """The layer's ``(lambda_l, beta_l)`` for this call: the call's options where given, else the adapter's."""
-        options = self.options
-        if options is not None and options.scale is not None:
-            scale = options.scale[layer_index]
-        if options is not None and options.s_plus_scale is not None:
-            s_plus_scale = options.s_plus_scale[layer_index]
-        return scale, s_plus_scale
+    def layer_scales(self, layer_index: int) -> tuple[LayerScale, float]:
+        """The layer's ``(lambda_l, beta_l)`` for this call: its options' (which the UNet's pre-hook completes with the
+        adapter's settings), 1 where they give none (a processor called without the pre-hook)."""
+        options = self.options if self.options is not None else SubjectOptions()
+        scale, s_plus_scale = options.scale, options.s_plus_scale
+        return (
+            1.0 if scale is None else layer_value(scale, layer_index),
+            1.0 if s_plus_scale is None else layer_value(s_plus_scale, layer_index),
+        )
 
     def record_location(self, layer_index: int, maps: torch.Tensor) -> None:
         """Keep one layer's ``[batch, num_subjects, N]`` maps as ``[batch, num_subjects, h, w]`` in the record."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusers_customcontrast.conditioning import OPTIONS_KEY, SubjectOptions
 from diffusers_customcontrast.loaders import injection
 from diffusers_customcontrast.testing.tiny_models import tiny_adapter, tiny_sd15_pipeline
 
@@ -85,3 +86,20 @@ def test_regional_compile_one_graph_for_every_layer(unet_with_adapter):
         compiled_other = unet(timestep=torch.tensor(500), **other).sample
     torch.testing.assert_close(compiled_other, eager_other, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(compiled_other, again)
+
+
+def test_regional_compile_one_graph_for_a_call_with_its_own_scale(unet_with_adapter):
+    """A call's own options (``SubjectOptions(scale=0.5)``): one more graph for every layer, not one per layer."""
+    unet = unet_with_adapter
+    inputs = _inputs(unet)
+    options = injection.checked_options(injection.attached(unet), SubjectOptions(scale=0.5, s_plus_scale=0.5))
+    halved = {**inputs, "cross_attention_kwargs": {OPTIONS_KEY: options}}
+    with torch.no_grad():
+        eager = unet(timestep=torch.tensor(500), **halved).sample
+        torch._dynamo.reset()
+        unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        # Two graphs per scale (static shapes, then dynamic ones for the other resolution), not one per layer.
+        with torch._dynamo.config.patch(recompile_limit=4):
+            unet(timestep=torch.tensor(999), **inputs)
+            out = unet(timestep=torch.tensor(500), **halved).sample
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ range starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 from pathlib import Path
 
@@ -295,3 +296,26 @@ def test_setting_the_scale_keeps_the_range_and_setting_the_range_keeps_the_scale
     assert state.step_range == (0.5, 0.75) and {p.subject_scale for p in state.processors.values()} == {0.8}
     pipe.set_customcontrast_scale(start=0.0, end=1.0)
     assert active_calls(pipe) == [True] * STEPS
+
+
+def test_one_frozen_settings_value_per_adapter_replaced_whole():
+    """Issue 28: the adapter's scales and range are one frozen value; a setter replaces it, processors keep no copy."""
+    pipe = pipeline()
+    pipe.load_customcontrast(tiny_adapter(pipe))
+    state = dcc.loaders.injection.attached(pipe.unet)
+    before = state.settings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        before.start = 0.5
+    pipe.set_customcontrast_scale({"up": 0.5}, start=0.25)
+    assert before.scale == (1.0,) * len(state.processors) and (before.start, before.end) == (0.0, 1.0)
+    names = list(state.processors)
+    expected = tuple(0.5 if name.startswith("up_blocks") else 0.0 for name in names)
+    assert state.settings.scale == expected and (state.settings.start, state.settings.end) == (0.25, 1.0)
+    assert tuple(state.processors[name].subject_scale for name in names) == expected
+    # diffusers' set_ip_adapter_scale writes each processor's scale[0]: it lands in the settings too.
+    pipe.set_ip_adapter_scale(0.7)
+    assert state.settings.scale == (0.7,) * len(names) and state.settings.start == 0.25
+    # A bad value changes nothing.
+    with pytest.raises(ValueError, match="step range"):
+        pipe.set_customcontrast_scale(0.1, start=0.9, end=0.2)
+    assert state.settings.scale == (0.7,) * len(names)

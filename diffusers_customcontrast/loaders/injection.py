@@ -11,8 +11,9 @@ The pre-hook gives each UNet call its own subject: it returns the call's argumen
 were). It also checks the call's subject inputs before any layer runs: shapes on every call, values once per tensor
 (a pipeline hands every step the same tensors; the loading pipeline's ``prepare_ip_adapter_image_embeds`` has
 checked the features before the loop, so only masks are read, in the first call: no device -> host sync per step),
-and its options (scales expanded to one value per layer); and it decides the step range from the call's own
-timestep.
+and its options (scales expanded to one value per layer), which it lays over the adapter's settings (one frozen
+:class:`SubjectOptions` per attached adapter, that :func:`set_scale` replaces whole); and it decides the step range
+from the call's own timestep.
 
 Other calls replace attention processors wholesale (``enable_attention_slicing``, ``fuse_qkv_projections``,
 ``set_attn_processor``, ``unload_ip_adapter``). The pre-hook checks, before every UNet call, that the adapter is still
@@ -69,12 +70,39 @@ class AttachedAdapter:
     original_encoder_hid_dim_type: str | None
     hook: RemovableHandle
     forward_parameters: tuple[str, ...]  # the UNet's forward arguments in order, to read positional ones by name
+    settings: SubjectOptions  # the adapter's scales and step range (adapter_settings): replaced whole, never edited
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the Attention module of each processor
     cleanups: list[Callable[[], None]] = field(default_factory=list)  # run by detach (e.g. input normalisation)
     entry_index: int = 0  # position of the adapter's projection in encoder_hid_proj and its entry in image_embeds
-    step_range: tuple[float, float] = FULL_RANGE  # (start, end): the noise levels the subject acts on, step_range.py
     num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS  # T of the noise position 1 - t / T (the scheduler's)
     pooled: bool = False  # the adapter reads pooled image embeddings (image_input="image_embeds"), one per subject
+
+    @property
+    def step_range(self) -> tuple[float, float]:
+        """``(start, end)``: the noise levels the subject acts on when a call does not say (step_range.py)."""
+        return self.settings.start, self.settings.end
+
+
+def adapter_settings(adapter: CustomContrastAdapter, scale: LayerScale = 1.0) -> SubjectOptions:
+    """The settings an adapter is attached with: every field of :class:`SubjectOptions` that a call may override.
+
+    One frozen value per attached adapter: ``scale`` and ``s_plus_scale`` one value per layer, the full step range.
+    :func:`set_scale` replaces it whole; a call's own options are laid over it (:func:`call_options`).
+    """
+    count = len(adapter.config.layer_names)
+    return SubjectOptions(
+        scale=(scale,) * count, s_plus_scale=(adapter.config.s_plus_scale,) * count, start=0.0, end=1.0
+    )
+
+
+def call_options(state: AttachedAdapter, options: SubjectOptions | None) -> SubjectOptions:
+    """What one call acts with: the adapter's settings, with every field the call's (checked) options give."""
+    if options is None:
+        return state.settings
+    given = {
+        f.name: getattr(options, f.name) for f in dataclasses.fields(options) if getattr(options, f.name) is not None
+    }
+    return dataclasses.replace(state.settings, **given)
 
 
 def attached(unet: nn.Module) -> AttachedAdapter | None:
@@ -134,34 +162,33 @@ def attach(unet: nn.Module, adapter: CustomContrastAdapter, scale: float = 1.0) 
         unet, unet.encoder_hid_proj, original_processors, adapter.config.layer_names
     )
     ip_projections = list(unet.encoder_hid_proj.image_projection_layers) if ip_processors else []
-    processors = {
-        name: CustomContrastAttnProcessor2_0(
-            layer,
-            index,
-            adapter.config.num_textual_tokens,
-            scale=scale,
-            s_plus_scale=adapter.config.s_plus_scale,
-            entry_index=len(ip_projections),
-            ip_adapter=ip_processors[name] if ip_processors else None,
-        )
-        for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True))
-    }
-    # set_attn_processor empties the dict it is given: hand it a copy.
-    unet.set_attn_processor({**original_processors, **processors})
-
     state = AttachedAdapter(
         adapter=adapter,
         projection=projection,
-        processors=processors,
+        processors={},
         original_processors=original_processors,
         original_encoder_hid_proj=unet.encoder_hid_proj,
         original_encoder_hid_dim_type=unet.config.encoder_hid_dim_type,
         hook=unet.register_forward_pre_hook(_before_unet_forward, with_kwargs=True),
         forward_parameters=tuple(inspect.signature(type(unet).forward).parameters)[1:],
-        modules={name: attention_module(unet, name) for name in processors},
+        settings=adapter_settings(adapter, scale),
         entry_index=len(ip_projections),
         pooled=adapter.adapter_config.image_input == "image_embeds",
     )
+    state.processors = {
+        name: CustomContrastAttnProcessor2_0(
+            layer,
+            index,
+            adapter.config.num_textual_tokens,
+            entry_index=state.entry_index,
+            ip_adapter=ip_processors[name] if ip_processors else None,
+            attached=state,
+        )
+        for index, (name, layer) in enumerate(zip(adapter.config.layer_names, adapter.layers, strict=True))
+    }
+    state.modules = {name: attention_module(unet, name) for name in state.processors}
+    # set_attn_processor empties the dict it is given: hand it a copy.
+    unet.set_attn_processor({**original_processors, **state.processors})
     unet.encoder_hid_proj = MultiSubjectImageProjection(
         [*ip_projections, projection], ip_adapter_features=_penultimate_features(adapter)
     )
@@ -190,7 +217,6 @@ def lifted(unet: nn.Module) -> Iterator[None]:
     """Take CustomContrast off ``unet`` for the block, then put it back on top of what the block left there (e.g.
     diffusers' IP-Adapters, loaded or unloaded), with the same scales, step range and input handling."""
     state = attached(unet)
-    settings = {name: (p.subject_scale, p.s_plus_scale) for name, p in state.processors.items()}
     cleanups, state.cleanups = state.cleanups, []  # input normalisation and feature hooks stay installed
     detach(unet)
     try:
@@ -202,10 +228,7 @@ def lifted(unet: nn.Module) -> Iterator[None]:
             for cleanup in reversed(cleanups):
                 cleanup()
             raise
-        for name, (scale, s_plus_scale) in settings.items():
-            restored.processors[name].subject_scale = scale
-            restored.processors[name].s_plus_scale = s_plus_scale
-        restored.step_range, restored.cleanups = state.step_range, cleanups
+        restored.settings, restored.cleanups = state.settings, cleanups
         restored.num_train_timesteps = state.num_train_timesteps
 
 
@@ -357,7 +380,8 @@ def checked_options(state: AttachedAdapter, options: Any) -> SubjectOptions | No
     recordings = options.recordings
     if not all(isinstance(r, SubjectRecording) for r in recordings):
         raise ValueError("SubjectOptions.recording must be a SubjectRecording (or a tuple of them) or None.")
-    _step_range(state, options)  # a bad range fails here, before the adapter runs
+    resolved = call_options(state, options)
+    check_step_range(resolved.start, resolved.end)  # a bad range fails here, before the adapter runs
     return dataclasses.replace(options, **changes) if changes else options
 
 
@@ -406,9 +430,9 @@ def _conditioning(
             f"{conditioning.num_subjects} subjects each needs {batch * conditioning.num_subjects}: encode the "
             "call's own subject features (the negative rows first under guidance)."
         )
-    options = options if options is not None else conditioning.options
+    options = call_options(state, options if options is not None else conditioning.options)
     record = _step_record(conditioning.record, options, timesteps)
-    step_range = _step_range(state, options)
+    step_range = check_step_range(options.start, options.end)
     active = step_range == FULL_RANGE or in_step_range(noise_position(timestep, state.num_train_timesteps), step_range)
     return dataclasses.replace(
         conditioning,
@@ -432,18 +456,6 @@ def _step_record(
     if record is not None:
         record.timesteps = timesteps
     return record
-
-
-def _step_range(state: AttachedAdapter, options: SubjectOptions | None) -> tuple[float, float]:
-    """The call's ``(start, end)``: its options' where given, else the adapter's (checked when it was set)."""
-    if options is None or (options.start is None and options.end is None):
-        return state.step_range
-    start, end = state.step_range
-    if options is not None and options.start is not None:
-        start = options.start
-    if options is not None and options.end is not None:
-        end = options.end
-    return check_step_range(start, end)
 
 
 # Tensors whose values were checked, so that a check runs once per generation: a pipeline hands every UNet call of its
@@ -667,14 +679,13 @@ def set_scale(
     ``[start, end)`` the subject acts on. ``None`` keeps a value, for every argument; everything is checked before
     anything changes."""
     state = loaded(unet)
-    kept_start, kept_end = state.step_range
-    step_range = check_step_range(kept_start if start is None else start, kept_end if end is None else end)
-    names = list(state.processors)
-    scales = None if scale is None else expand_scale(names, scale, "scale")
-    s_plus_scales = None if s_plus_scale is None else _s_plus_scales(names, s_plus_scale)
-    for index, name in enumerate(names):
-        if scales is not None:
-            state.processors[name].subject_scale = scales[index]
-        if s_plus_scales is not None:
-            state.processors[name].s_plus_scale = s_plus_scales[index]
-    state.step_range = step_range
+    changes = {"start": start, "end": end}
+    check_step_range(
+        start if start is not None else state.settings.start, end if end is not None else state.settings.end
+    )
+    names = state.adapter.config.layer_names
+    if scale is not None:
+        changes["scale"] = tuple(expand_scale(names, scale, "scale"))
+    if s_plus_scale is not None:
+        changes["s_plus_scale"] = tuple(_s_plus_scales(names, s_plus_scale))
+    state.settings = call_options(state, SubjectOptions(**changes))

@@ -61,7 +61,7 @@ def pipeline(scheduler: str = "ddim"):
     return pipe
 
 
-def latents_after_each_call(pipe, image=None, **kwargs) -> list[torch.Tensor]:
+def latents_after_each_call(pipe, image=None, prompt: str | None = "a toy", **kwargs) -> list[torch.Tensor]:
     """The latents after every UNet call, as ``callback_on_step_end`` sees them."""
     seen = []
 
@@ -73,7 +73,7 @@ def latents_after_each_call(pipe, image=None, **kwargs) -> list[torch.Tensor]:
     if image is not None:
         call.update(image=image, strength=0.5, num_inference_steps=2 * STEPS)
     pipe(
-        "a toy",
+        prompt,
         generator=torch.Generator().manual_seed(0),
         callback_on_step_end=keep,
         callback_on_step_end_tensor_inputs=["latents"],
@@ -180,6 +180,8 @@ def test_a_callback_that_changes_the_range_acts_from_the_next_step():
 
 
 def test_threads_with_their_own_schedulers_count_their_own_steps():
+    """The prompt is encoded up front: diffusers' ``encode_prompt`` through one shared fast tokenizer is not
+    thread-safe upstream (tests/test_stateless_inference.py), which is not what this test is about."""
     import threading
 
     pipe = pipeline("ddim")
@@ -191,10 +193,14 @@ def test_threads_with_their_own_schedulers_count_their_own_steps():
     assert expected["heun"] == [in_range(t, 0.5, 1.0) for t in CALL_TIMESTEPS["heun"]]
     results, errors = {}, []
 
+    with torch.no_grad():
+        positive, negative = pipe.encode_prompt("a toy", "cpu", 1, True)
+    encoded = dict(prompt=None, prompt_embeds=positive, negative_prompt_embeds=negative)
+
     def run(name, target):
         try:
             for _ in range(3):
-                results.setdefault(name, []).append(active_calls(target))
+                results.setdefault(name, []).append(active_calls(target, **encoded))
         except Exception as error:  # surfaced below
             errors.append(error)
 

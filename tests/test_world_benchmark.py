@@ -196,6 +196,17 @@ def test_ablations_switch_the_papers_terms(tmp_path: Path):
     assert len({(c.max_train_steps, c.learning_rate, c.train_batch_size, c.seed) for c in configs.values()}) == 1
 
 
+def test_runs_train_on_the_base_model_they_are_scored_on(world, tmp_path: Path):
+    """``--base_model`` is the model every run trains on, not only the one it generates with."""
+    settings = benchmark.BenchmarkSettings.smoke(tmp_path)
+    shipped = settings.training_config(world, "full", ABLATIONS["full"], seed=1)
+    assert Path(shipped.pretrained_model_name_or_path) == settings.base_model
+    settings.base_model = tmp_path / "another-base"
+    config = settings.training_config(world, "full", ABLATIONS["full"], seed=1)
+    assert Path(config.pretrained_model_name_or_path) == tmp_path / "another-base"
+    assert (config.seed, config.max_train_steps, config.train_batch_size) == (1, 2, 4)
+
+
 def test_report_helpers():
     assert smoothed([1.0, 3.0, 5.0, 7.0], window=2).tolist() == [1.0, 2.0, 4.0, 6.0]
     table = scores_table([("run a", {"subject_similarity": 0.5, "controllability": float("nan")})])

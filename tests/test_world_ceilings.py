@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,25 @@ def test_train_base_refuses_unknown_choices_in_one_sentence():
         TrainBaseConfig(output_dir="x", autoencoder="vq")
     with pytest.raises(ValueError, match="expected --mixed_precision to be one of"):
         TrainBaseConfig(output_dir="x", mixed_precision="fp8")
+
+
+def test_adapter_training_loads_a_base_on_the_worlds_autoencoder(world, tmp_path: Path, monkeypatch):
+    """The trainer takes the VAE class that model_index.json names, once its module is imported, and never imports it
+    on the file's word."""
+    from customcontrast_world.recipe import world_training_config
+    from diffusers_customcontrast.training.components import load_base_model
+    from diffusers_customcontrast.training.config import ConfigError
+
+    pipe = load_synthetic_base()
+    pipe.vae = PatchAutoencoder.from_pretrained(PROJECTED_AUTOENCODER_DIR)
+    pipe.save_pretrained(tmp_path / "base")
+    config = world_training_config(
+        world.split_dir("train"), tmp_path / "run", pretrained_model_name_or_path=str(tmp_path / "base")
+    )
+    assert isinstance(load_base_model(config).vae, PatchAutoencoder)
+
+    module = "customcontrast_world.autoencoder"
+    monkeypatch.delitem(sys.modules, module)
+    with pytest.raises(ConfigError, match=f"names {module}.PatchAutoencoder, from a module that is not imported"):
+        load_base_model(config)
+    assert module not in sys.modules

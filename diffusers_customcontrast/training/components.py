@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,14 +137,28 @@ def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
+_TRUSTED_LIBRARIES = ("diffusers", "transformers")
+
+
 def _component_class(spec: Any, default: type) -> type:
-    """The class that ``model_index.json`` names for a component (``["transformers", "CLIPTextModel"]``)."""
+    """The class that ``model_index.json`` names for a component (``["transformers", "CLIPTextModel"]``).
+
+    As diffusers does, a module other than ``diffusers`` or ``transformers`` is never imported on a file's word (that
+    would run its code): its class is found only if the caller imported the module first (e.g. the synthetic world's
+    autoencoder, ``["customcontrast_world.autoencoder", "PatchAutoencoder"]``).
+    """
     if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(s, str) for s in spec):
         library, name = spec
-        try:
-            return getattr(importlib.import_module(library), name)
-        except (ImportError, AttributeError):
-            logger.warning("Cannot import %s.%s named in model_index.json; using %s.", library, name, default.__name__)
+        module = importlib.import_module(library) if library in _TRUSTED_LIBRARIES else sys.modules.get(library)
+        if module is None:
+            raise ConfigError(
+                f"The base model's model_index.json names {library}.{name}, from a module that is not imported: "
+                f"import {library} before training (modules other than diffusers and transformers are never "
+                "imported on a file's word)."
+            )
+        if isinstance(getattr(module, name, None), type):
+            return getattr(module, name)
+        logger.warning("Cannot find %s.%s named in model_index.json; using %s.", library, name, default.__name__)
     return default
 
 
@@ -210,7 +225,9 @@ def load_base_model(config: TrainingConfig) -> BaseModel:
     if config.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
     else:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=config.variant, **hub)
+        vae = _component_class(index.get("vae"), AutoencoderKL).from_pretrained(
+            source, subfolder="vae", variant=config.variant, **hub
+        )
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=config.variant, **hub)
 
     scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler", **hub)

@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -183,6 +184,17 @@ class BenchmarkSettings:
     def load_base(self):
         return load_synthetic_base(path=self.base_model)
 
+    def training_config(self, world: World, run: str, overrides: dict[str, Any], seed: int) -> TrainingConfig:
+        """The trainer's config of one run and seed: on :attr:`base_model`, the model it is then scored on."""
+        return world_training_config(
+            world.split_dir("train"),
+            self.run_dir(run, seed),
+            pretrained_model_name_or_path=os.fspath(self.base_model),
+            max_train_steps=self.max_train_steps,
+            seed=seed,
+            **{**self.training_overrides, **overrides},
+        )
+
 
 def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     """Train, generate and score every run and seed, then write the tables and figures; returns ``results.json``.
@@ -292,13 +304,7 @@ def _job(settings: BenchmarkSettings, run: str | None, overrides: dict[str, Any]
         for name_colors in (False, True):
             _generations(settings, world, None, seed, 0.0, pipe, name_colors)
         return
-    config = world_training_config(
-        world.split_dir("train"),
-        settings.run_dir(run, seed),
-        max_train_steps=settings.max_train_steps,
-        seed=seed,
-        **{**settings.training_overrides, **overrides},
-    )
+    config = settings.training_config(world, run, overrides, seed)
     if not _trained_with(config) and train(config).interrupted:
         # SIGTERM: the trainer saved a checkpoint and returned; stop rather than go on with an unfinished adapter.
         raise SystemExit(f"Stopped while training {run!r} (seed {seed}); run the same command again to resume.")

@@ -24,7 +24,7 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from torch import nn
 
-from .conditioning import LayerScale, SubjectConditioning, layer_value
+from .conditioning import LayerScale, SubjectConditioning, SubjectOptions, layer_setting
 from .models.adapter_layer import CustomContrastLayer
 from .models.qformer import merge_heads, split_heads
 
@@ -105,12 +105,16 @@ class CustomContrastAttnProcessor2_0(IPAdapterAttnProcessor2_0):
     @property
     def subject_scale(self) -> LayerScale:
         """CustomContrast's ``lambda_l`` on this layer (a float, or one per subject image)."""
-        return layer_value(self.attached.settings.scale, self.layer_index) if self.attached is not None else 1.0
+        return layer_setting(self._settings, "scale", self.layer_index)
 
     @property
     def s_plus_scale(self) -> float:
         """CustomContrast's ``beta_l`` on this layer."""
-        return layer_value(self.attached.settings.s_plus_scale, self.layer_index) if self.attached is not None else 1.0
+        return layer_setting(self._settings, "s_plus_scale", self.layer_index)
+
+    @property
+    def _settings(self) -> SubjectOptions | None:
+        return self.attached.settings if self.attached is not None else None
 
     @property
     def scale(self) -> list:

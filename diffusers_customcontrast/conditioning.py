@@ -41,12 +41,15 @@ OPTIONS_KEY = "customcontrast"
 """The ``cross_attention_kwargs`` key of a call's :class:`SubjectOptions` (taken out before diffusers sees them)."""
 
 
-def layer_value(values: tuple, layer_index: int) -> Any:
-    """One layer's value of a per-layer tuple of scales.
+def layer_setting(options: SubjectOptions | None, name: str, layer_index: int) -> Any:
+    """One layer's ``scale`` or ``s_plus_scale`` (``name``) in ``options``, one value per layer; 1 where they give none.
 
     Values equal on every layer (the usual case) are read without the index: torch.compile guards on int attributes,
     so indexing would make diffusers' regional compilation (one graph for every block) recompile for each layer.
     """
+    values = getattr(options, name) if options is not None else None
+    if values is None:
+        return 1.0
     first = values[0]
     return first if all(value == first for value in values) else values[layer_index]
 
@@ -172,11 +175,8 @@ class SubjectConditioning:
     def layer_scales(self, layer_index: int) -> tuple[LayerScale, float]:
         """The layer's ``(lambda_l, beta_l)`` for this call: its options' (which the UNet's pre-hook completes with the
         adapter's settings), 1 where they give none (a processor called without the pre-hook)."""
-        options = self.options if self.options is not None else SubjectOptions()
-        scale, s_plus_scale = options.scale, options.s_plus_scale
-        return (
-            1.0 if scale is None else layer_value(scale, layer_index),
-            1.0 if s_plus_scale is None else layer_value(s_plus_scale, layer_index),
+        return layer_setting(self.options, "scale", layer_index), layer_setting(
+            self.options, "s_plus_scale", layer_index
         )
 
     def record_location(self, layer_index: int, maps: torch.Tensor) -> None:

@@ -679,13 +679,13 @@ def set_scale(
     ``[start, end)`` the subject acts on. ``None`` keeps a value, for every argument; everything is checked before
     anything changes."""
     state = loaded(unet)
-    changes = {"start": start, "end": end}
-    check_step_range(
-        start if start is not None else state.settings.start, end if end is not None else state.settings.end
-    )
     names = state.adapter.config.layer_names
-    if scale is not None:
-        changes["scale"] = tuple(expand_scale(names, scale, "scale"))
-    if s_plus_scale is not None:
-        changes["s_plus_scale"] = tuple(_s_plus_scales(names, s_plus_scale))
-    state.settings = call_options(state, SubjectOptions(**changes))
+    changes = SubjectOptions(
+        scale=None if scale is None else tuple(expand_scale(names, scale, "scale")),
+        s_plus_scale=None if s_plus_scale is None else tuple(_s_plus_scales(names, s_plus_scale)),
+        start=start,
+        end=end,
+    )
+    settings = call_options(state, changes)
+    check_step_range(settings.start, settings.end)
+    state.settings = settings

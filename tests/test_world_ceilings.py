@@ -75,6 +75,44 @@ def test_projected_patch_autoencoder_keeps_the_leading_principal_components():
         PatchAutoencoder(patch_size=4, latent_channels=49)
 
 
+def test_unwhitened_latents_keep_each_components_share_of_the_variance(tmp_path: Path):
+    """``whitening=0``: one shared scale (the components' variances in proportion), the same images decoded."""
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.rand(8, 3, 8, 8, generator=generator) * 2 - 1  # scenes whose patches vary little inside
+    images = torch.nn.functional.interpolate(smooth, size=64, mode="bilinear")
+    whitened = PatchAutoencoder(patch_size=4, latent_channels=6, decoder_channels=8, decoder_layers=1)
+    whitened.fit_statistics(images)
+    with torch.no_grad():  # a trained-looking correction, which reads whitened latents in both
+        whitened.decoder[-1].weight.normal_(0, 0.01, generator=generator)
+    whitened.save_pretrained(tmp_path)
+    shared = PatchAutoencoder.from_pretrained(tmp_path, whitening=0.0)
+    latents = shared.encode(images).latent_dist.mode()
+    stds = latents.transpose(0, 1).flatten(1).std(dim=1)
+    # Each channel's std is its component's std over their root mean square: total variance as when whitened.
+    expected = whitened.latents_std / whitened.latents_std.pow(2).mean().sqrt()
+    assert torch.allclose(stds, expected, rtol=1e-3) and stds[0] > 2 * stds[-1]
+    assert torch.allclose(stds.pow(2).sum(), torch.tensor(6.0), rtol=1e-3)
+    assert torch.allclose(shared.decode(latents).sample, whitened(images).sample, atol=1e-5)
+    assert torch.equal(whitened.latents_gain, torch.ones(6))
+    with pytest.raises(ValueError, match="expected whitening between 0 and 1, got 2"):
+        PatchAutoencoder(patch_size=4, whitening=2)
+    with pytest.raises(ValueError, match="expected whitening between 0 and 1, got -1"):
+        shared.set_whitening(-1)
+    assert shared.config.whitening == 0.0
+
+
+def test_train_base_sets_how_the_unet_sees_the_patch_latents(tmp_path: Path):
+    """``--latent_whitening 0``: the decoder trains as before; the UNet's latents keep the components' shares."""
+    config = parse_args(
+        ["--output_dir", str(tmp_path), "--smoke", "--autoencoder", "projected", "--latent_whitening", "0"]
+    )
+    train_base(config, log=lambda message: None)
+    pipe = load_synthetic_base(path=tmp_path)
+    assert pipe.vae.config.whitening == 0.0 and not torch.equal(pipe.vae.latents_gain, torch.ones(12))
+    with pytest.raises(ValueError, match="expected --latent_whitening 1 with --autoencoder kl, got 0.5"):
+        TrainBaseConfig(output_dir="x", latent_whitening=0.5)
+
+
 def test_a_pipeline_with_the_patch_autoencoder_saves_and_loads_offline(tmp_path: Path, caplog):
     base = load_synthetic_base()
     autoencoder = PatchAutoencoder(patch_size=4).fit_statistics(torch.rand(4, 3, 64, 64) * 2 - 1)
@@ -186,6 +224,24 @@ def test_train_base_smoke_trains_the_projected_autoencoder_decoder(tmp_path: Pat
     assert pipe.vae.decoder[-1].weight.abs().sum() > 0  # trained away from the linear inverse
     image = pipe("a star on grass", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_train_base_warm_restarts_the_unet_stage_from_a_finished_run(tmp_path: Path):
+    """``--unet_init_from``: a second learning-rate cycle starts from the finished run's UNet and text encoder."""
+    first = tmp_path / "first"
+    train_base(parse_args(["--output_dir", str(first), "--smoke"]), log=lambda message: None)
+    restart = ["--smoke", "--stages", "unet", "--init_from", str(first), "--unet_init_from", str(first)]
+    # With a learning rate of 0 the restart keeps the weights it started from exactly (a new UNet would differ).
+    frozen = tmp_path / "frozen"
+    train_base(parse_args(["--output_dir", str(frozen), *restart, "--unet_lr", "0"]), log=lambda message: None)
+    before, after = load_synthetic_base(path=first), load_synthetic_base(path=frozen)
+    for name in ("unet", "text_encoder"):
+        pairs = zip(getattr(before, name).parameters(), getattr(after, name).parameters())
+        assert all(torch.equal(a, b) for a, b in pairs), name
+    # A UNet of other widths is refused in one sentence, before any step.
+    with pytest.raises(ValueError, match="expected --unet_init_from to hold a UNet with 8 latent channels and widths"):
+        config = parse_args(["--output_dir", str(tmp_path / "wide"), *restart, "--unet_channels", "64,64,128"])
+        train_base(config, log=lambda message: None)
 
 
 def test_train_base_refuses_unknown_choices_in_one_sentence():

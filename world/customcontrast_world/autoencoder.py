@@ -36,7 +36,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["ModelMixin", "PatchAutoencoder"]
+__all__ = ["ModelMixin", "PatchAutoencoder", "check_whitening"]
 
 
 class PatchAutoencoder(ModelMixin, ConfigMixin):
@@ -57,6 +57,11 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         block_out_channels: Derived (pipelines read it); pass it only to check a saved config.
         decoder_channels: Width of the learned decoder correction (0: none, the decoder is the linear inverse).
         decoder_layers: Its number of 3 x 3 convolutions after the first.
+        whitening: How far each latent channel is scaled to unit variance: 1 (default) whitens every channel; 0
+            leaves each principal component its share of the variance under one shared scale (what SD's single
+            ``scaling_factor`` does for its VAE), so that a UNet's loss weighs a patch's coarse components, where
+            shapes are, above its fine ones; values between interpolate (the gain is ``(std / rms std) ** (1 -
+            whitening)``). The decoder correction always reads the whitened latents, so this changes no weights.
     """
 
     _supports_gradient_checkpointing = False
@@ -71,6 +76,7 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         block_out_channels: tuple[int, ...] | None = None,
         decoder_channels: int = 0,
         decoder_layers: int = 4,
+        whitening: float = 1.0,
     ) -> None:
         super().__init__()
         if patch_size < 1 or patch_size & (patch_size - 1):
@@ -85,6 +91,7 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
                 f"expected latent_channels in 1..{channels} and block_out_channels={blocks} for "
                 f"patch_size={patch_size}, got {latent_channels} and {block_out_channels}"
             )
+        check_whitening(whitening)
         self.register_to_config(latent_channels=latent_channels, block_out_channels=blocks)
         self.register_buffer("patch_mean", torch.zeros(channels))
         self.register_buffer("basis", torch.eye(channels)[:latent_channels])  # rows: orthonormal directions
@@ -115,6 +122,16 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
     def _channel_view(self, values: torch.Tensor) -> torch.Tensor:
         return values.view(1, -1, 1, 1)
 
+    def set_whitening(self, whitening: float) -> None:
+        """Change how the latents are scaled (see the class's ``whitening``); the weights stay as they are."""
+        self.register_to_config(whitening=check_whitening(whitening))
+
+    @property
+    def latents_gain(self) -> torch.Tensor:
+        """Per-channel factor from whitened latents to the latents pipelines see (ones when fully whitened)."""
+        relative = self.latents_std / self.latents_std.pow(2).mean().sqrt()
+        return relative.pow(1.0 - self.config.whitening)
+
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Fold ``[B, C, H, W]`` images into ``[B, latent_channels, H / p, W / p]`` latents (a distribution with zero
         variance)."""
@@ -122,7 +139,8 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         if x.shape[-1] % size or x.shape[-2] % size:
             raise ValueError(f"expected image height and width divisible by {size}, got {tuple(x.shape[-2:])}")
         folded = F.pixel_unshuffle(x.to(self.patch_mean.dtype), size) - self._channel_view(self.patch_mean)
-        mean = torch.einsum("kc,bchw->bkhw", self.basis, folded) / self._channel_view(self.latents_std)
+        whitened = torch.einsum("kc,bchw->bkhw", self.basis, folded) / self._channel_view(self.latents_std)
+        mean = whitened * self._channel_view(self.latents_gain)
         posterior = DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], dim=1), deterministic=True)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -131,7 +149,7 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
     ) -> DecoderOutput | tuple:
         """Unfold latents back into images: the linear inverse of :meth:`encode` (exact with every channel kept),
         plus the learned correction if there is one. ``generator`` is unused."""
-        z = z.to(self.patch_mean.dtype)
+        z = z.to(self.patch_mean.dtype) / self._channel_view(self.latents_gain)
         folded = torch.einsum("kc,bkhw->bchw", self.basis, z * self._channel_view(self.latents_std))
         folded = folded + self._channel_view(self.patch_mean)
         if self.decoder is not None:
@@ -143,6 +161,13 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         """Encode then decode (exact up to float rounding, about 1e-7, when :attr:`exact`), as
         ``AutoencoderKL.forward`` does."""
         return self.decode(self.encode(sample).latent_dist.mode(), return_dict=return_dict)
+
+
+def check_whitening(whitening: float) -> float:
+    """``whitening`` if it is in ``[0, 1]``, else a ``ValueError`` that says so."""
+    if not 0.0 <= whitening <= 1.0:
+        raise ValueError(f"expected whitening between 0 and 1, got {whitening}")
+    return whitening
 
 
 def _decoder_correction(latent_channels: int, channels: int, width: int, layers: int) -> nn.Sequential | None:

@@ -60,7 +60,7 @@ from diffusers_customcontrast.data.synthetic import (
 )
 from diffusers_customcontrast.data.transforms import binarize_mask, resize_center_crop, subject_crop
 
-from .autoencoder import PatchAutoencoder
+from .autoencoder import PatchAutoencoder, check_whitening
 from .base_model import (
     AUTOENCODERS,
     IMAGE_ENCODER_SIZE,
@@ -112,6 +112,10 @@ class TrainBaseConfig:
     errors a UNet leaves, which it learns to map onto the clean scene."""
     decoder_clean: float = 0.3
     """Share of the decoder's training latents given no noise (so that clean latents decode as exactly as they can)."""
+    latent_whitening: float = 1.0
+    """How the UNet sees a patch autoencoder's latents (``PatchAutoencoder``'s ``whitening``): 1 every channel at unit
+    variance, 0 each principal component its share of the variance. Set on the autoencoder after its stage (its
+    decoder trains on whitened latents either way), so it changes no autoencoder weights."""
     image_encoder_steps: int = 600
     image_encoder_batch_size: int = 64
     image_encoder_lr: float = 1e-3
@@ -124,6 +128,9 @@ class TrainBaseConfig:
     unet_max_rotation: float = 360.0
     unet_channels: str = ",".join(map(str, UNET_CHANNELS))
     """Widths of the UNet's three levels, comma-separated (v4: 32,64,128)."""
+    unet_init_from: str | None = None
+    """A pipeline folder whose UNet and text encoder the UNet stage starts from (a warm restart: a new learning-rate
+    cycle and optimizer on a finished run's weights), instead of new ones; its UNet must have ``unet_channels``."""
     prediction_type: str = PREDICTION_TYPE
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.9995
@@ -136,6 +143,9 @@ class TrainBaseConfig:
     def __post_init__(self) -> None:
         if self.autoencoder not in AUTOENCODERS:
             raise ValueError(f"expected --autoencoder to be one of {sorted(AUTOENCODERS)}, got {self.autoencoder!r}")
+        check_whitening(self.latent_whitening)
+        if self.autoencoder == "kl" and self.latent_whitening != 1.0:
+            raise ValueError(f"expected --latent_whitening 1 with --autoencoder kl, got {self.latent_whitening}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(
                 f"expected --mixed_precision to be one of {sorted(PRECISIONS)}, got {self.mixed_precision!r}"
@@ -529,9 +539,7 @@ def train_unet(
     generator = torch.Generator().manual_seed(config.seed + 2)
     tokenizer = build_tokenizer()
     with _seeded(config.seed + 2):
-        text_encoder = build_text_encoder(tokenizer).train()
-        channels = tuple(int(c) for c in config.unet_channels.split(","))
-        unet = build_unet(vae.config.latent_channels, channels).train()
+        text_encoder, unet = _unet_stage_models(tokenizer, vae.config.latent_channels, config)
     scheduler = build_train_scheduler(config.prediction_type)
     mean, std = encode_latents(vae, frames.images)
     scaling = vae.config.scaling_factor
@@ -574,6 +582,24 @@ def train_unet(
     record.add_stage("unet", *_run(checkpoints, "unet", config.unet_steps, step, state, generator, config, log))
     text_encoder, unet = (m.eval().cpu() for m in ema)
     return unet, text_encoder, tokenizer
+
+
+def _unet_stage_models(
+    tokenizer: CLIPTokenizer, latent_channels: int, config: TrainBaseConfig
+) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """New text encoder and UNet, or those of ``config.unet_init_from``, checked against the run's settings."""
+    channels = tuple(int(c) for c in config.unet_channels.split(","))
+    if config.unet_init_from is None:
+        return build_text_encoder(tokenizer).train(), build_unet(latent_channels, channels).train()
+    folder = Path(config.unet_init_from)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    found = (unet.config.in_channels, tuple(unet.config.block_out_channels))
+    if found != (latent_channels, channels):
+        raise ValueError(
+            f"expected --unet_init_from to hold a UNet with {latent_channels} latent channels and widths {channels} "
+            f"(the autoencoder's and --unet_channels), got {found[0]} and {found[1]} in '{folder / 'unet'}'"
+        )
+    return CLIPTextModel.from_pretrained(folder / "text_encoder").train(), unet.train()
 
 
 class _Precision:
@@ -719,6 +745,8 @@ def _train_and_save(config: TrainBaseConfig, log: Callable[[str], None]) -> Stab
         return models
 
     (vae,) = run("vae", lambda: (make_autoencoder(frames, config, record, checkpoints, log),), lambda: (previous.vae,))
+    if isinstance(vae, PatchAutoencoder):
+        vae.set_whitening(config.latent_whitening)
     image_encoder, processor = run(
         "image_encoder",
         lambda: train_image_encoder(frames, config, record, checkpoints, log, render_training_frames(spec, "heldout")),

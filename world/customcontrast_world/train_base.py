@@ -19,6 +19,8 @@ Stages (each one seeded, so a run with the same arguments and thread count gives
    on the cached latents of full scenes with their captions, which name the subject's colours in
    ``color_caption_prob`` of the draws (so that the base draws colours when told, and an adapter can steer them)
    and are replaced by the empty prompt in ``cfg_dropout`` (classifier-free guidance); min-SNR-style weighting, EMA.
+   ``--unet_init_from <folder>`` starts them from a finished run instead (a warm restart: a new optimizer and
+   learning-rate cycle), and ``--latent_whitening`` sets how a patch autoencoder's latents are scaled for them.
 
 Only the world's ``train`` subjects are used: the held-out subjects stay unseen by every component. The run is
 resumable (:mod:`.resumable`): it checkpoints under ``<output_dir>/checkpoints`` every ``checkpoint_every`` steps and

@@ -175,9 +175,8 @@ class SubjectConditioning:
     def layer_scales(self, layer_index: int) -> tuple[LayerScale, float]:
         """The layer's ``(lambda_l, beta_l)`` for this call: its options' (which the UNet's pre-hook completes with the
         adapter's settings), 1 where they give none (a processor called without the pre-hook)."""
-        return layer_setting(self.options, "scale", layer_index), layer_setting(
-            self.options, "s_plus_scale", layer_index
-        )
+        scale = layer_setting(self.options, "scale", layer_index)
+        return scale, layer_setting(self.options, "s_plus_scale", layer_index)
 
     def record_location(self, layer_index: int, maps: torch.Tensor) -> None:
         """Keep one layer's ``[batch, num_subjects, N]`` maps as ``[batch, num_subjects, h, w]`` in the record."""

@@ -376,9 +376,9 @@ def _install_instance_methods(pipe: DiffusionPipeline) -> Callable[[], None]:
     Why per instance: diffusers has no extension point around these methods (the first two replace every processor
     and ``encoder_hid_proj``; the third is the only one that sees raw subject images and picks the image encoder's
     hidden state; the fourth is the last step before the loop), and changing a class would change every pipeline in
-    the process, loaded or not. The instance attributes shadow the class's methods until unload; a pipeline made with ``from_pipe`` has diffusers' own methods
-    (for an adapter with ``image_feature_layers`` other than ``[-2]`` it is refused in one sentence until the adapter
-    is loaded on it).
+    the process, loaded or not. The instance attributes shadow the class's methods until unload; a pipeline made with
+    ``from_pipe`` has diffusers' own methods (for an adapter with ``image_feature_layers`` other than ``[-2]`` it is
+    refused in one sentence until the adapter is loaded on it).
     """
     for name, wrap in _INSTANCE_METHODS.items():
         setattr(pipe, name, types.MethodType(wrap(getattr(type(pipe), name)), pipe))
